@@ -1,0 +1,562 @@
+"""A LLaMA-family decoder, written out in full: load, run, sample, save.
+
+    python model.py --ckpt smollm2 "What is the capital of France?"
+
+Reads Hugging Face-layout checkpoints (config.json + *.safetensors) of Llama 2,
+TinyLlama, Llama 3.x, SmolLM2 and their reward models
+(LlamaForSequenceClassification). Parameter names equal the Hugging Face ones,
+so a checkpoint's tensors load by name, and `save_model` writes a folder that
+`transformers` loads back. Logits match transformers' LlamaForCausalLM to 1e-4
+in fp32 (tests/test_model.py). The name "smollm2" stands for the embedded
+default, SmolLM2-135M-Instruct, converted once from its GGUF file
+(see gguf_convert.py).
+"""
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+DEFAULT_CKPT = "smollm2"
+
+
+# ----------------------------------------------------------------------------
+# Config
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # None or {"rope_type": "llama3", ...}
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    num_labels: int = 0  # > 0: a reward / classifier model with a `score` head
+    raw: dict = field(default_factory=dict, repr=False)  # config.json as read, rewritten on save
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config.json") -> "LlamaConfig":
+        def need(key):
+            if key not in d:
+                raise ValueError(f"{source}: required field '{key}' is missing")
+            return d[key]
+
+        if d.get("model_type", "llama") not in ("llama", "mistral"):
+            raise ValueError(f"{source}: model_type '{d['model_type']}' is not a LLaMA-family model; "
+                             "model.py implements model_type 'llama'")
+        act = d.get("hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"{source}: hidden_act '{act}' is not supported; model.py implements 'silu' (SwiGLU)")
+        if d.get("sliding_window") and d.get("model_type") == "mistral":
+            raise ValueError(f"{source}: sliding_window attention is not implemented")
+        # Newer transformers write rope settings in a `rope_parameters` block.
+        rope = dict(d.get("rope_parameters") or {})
+        theta = rope.pop("rope_theta", d.get("rope_theta", 10000.0))
+        scaling = d.get("rope_scaling") or (rope if rope else None)
+        if scaling is not None:
+            kind = scaling.get("rope_type", scaling.get("type", "default"))
+            if kind == "default":
+                scaling = None
+            elif kind != "llama3":
+                raise ValueError(f"{source}: rope_scaling type '{kind}' is not implemented by model.py; "
+                                 "supported: none/default, llama3")
+        heads = need("num_attention_heads")
+        archs = d.get("architectures") or ["LlamaForCausalLM"]
+        num_labels = 0
+        if any("SequenceClassification" in a for a in archs):
+            num_labels = int(d.get("num_labels", len(d.get("id2label", {})) or 1))
+        return cls(
+            vocab_size=need("vocab_size"), hidden_size=need("hidden_size"),
+            intermediate_size=need("intermediate_size"), num_hidden_layers=need("num_hidden_layers"),
+            num_attention_heads=heads, num_key_value_heads=d.get("num_key_value_heads") or heads,
+            head_dim=d.get("head_dim") or need("hidden_size") // heads,
+            rms_norm_eps=d.get("rms_norm_eps", 1e-5), rope_theta=float(theta), rope_scaling=scaling,
+            tie_word_embeddings=d.get("tie_word_embeddings", False),
+            attention_bias=d.get("attention_bias", False), mlp_bias=d.get("mlp_bias", False),
+            num_labels=num_labels, raw=dict(d))
+
+
+# ----------------------------------------------------------------------------
+# The network
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # Normalise in fp32 (as the reference does), then scale in the input dtype.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
+    """Rotary frequencies [head_dim/2]; with llama3 scaling, low frequencies are slowed by `factor`."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    s = cfg.rope_scaling
+    if s is None:
+        return inv_freq
+    factor, lo, hi = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
+    old_len = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    # Long wavelengths (> old_len / lo) are divided by factor, short ones (< old_len / hi) kept,
+    # and the band between is blended smoothly.
+    scaled = torch.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - lo) / (hi - lo)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
+    return torch.where(medium, blended, scaled)
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.n_head, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        b = cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_head * self.hd, bias=b)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=b)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=b)
+        self.o_proj = nn.Linear(self.n_head * self.hd, cfg.hidden_size, bias=b)
+
+    def forward(self, x, cos, sin, mask, cache=None, layer=0, start=0):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.hd).transpose(1, 2)  # [B, nh, T, hd]
+        k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # [B, nkv, T, hd]
+        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if cache is not None:  # write this step's keys/values, attend over everything so far
+            k, v = cache.update(layer, start, k, v)
+        if self.n_kv != self.n_head:  # grouped-query attention: each kv head serves n_head/n_kv q heads
+            k = k.repeat_interleave(self.n_head // self.n_kv, dim=1)
+            v = v.repeat_interleave(self.n_head // self.n_kv, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, nh, T, hd]
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        b = cfg.mlp_bias
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=b)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=b)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=b)
+
+    def forward(self, x):  # SwiGLU
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache=None, layer=0, start=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Llama(nn.Module):
+    """LlamaForCausalLM (an `lm_head`, or the embeddings when tied) or, with
+    cfg.num_labels > 0, LlamaForSequenceClassification (a `score` head)."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = Backbone(cfg)
+        if cfg.num_labels:
+            self.score = nn.Linear(cfg.hidden_size, cfg.num_labels, bias=False)
+        elif not cfg.tie_word_embeddings:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.gradient_checkpointing = False
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        """[V, H]; the embedding matrix itself when the head is tied."""
+        return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
+
+    def forward(self, input_ids, attention_mask=None, return_hidden=False, cache=None, start=0):
+        """input_ids [B, T], attention_mask [B, T] (1 = token, 0 = padding, either side).
+
+        Returns logits [B, T, V], or with return_hidden the final-norm hidden states
+        [B, T, H] (the loss code turns those into log-probs without full logits).
+        With `cache` (a KVCache), the tokens are written at slots start..start+T-1
+        and attend to every earlier slot the cache marks as real.
+        """
+        B, T = input_ids.shape
+        if cache is not None:
+            positions, mask = cache.positions_and_mask(start, T, attention_mask)
+        else:
+            if attention_mask is None:
+                attention_mask = torch.ones_like(input_ids)
+            positions, mask = positions_and_mask(attention_mask.bool())
+        x = self.model.embed_tokens(input_ids)
+        freqs = positions[:, None, :, None].float() * self.inv_freq[None, None, None, :]  # [B, 1, T, hd/2]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        for i, block in enumerate(self.model.layers):
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mask, cache, i, start)
+        h = self.model.norm(x)
+        if return_hidden:
+            return h
+        if self.config.num_labels:
+            return self.score(h)  # [B, T, num_labels]
+        return F.linear(h, self.lm_head_weight)
+
+    def reward(self, input_ids, attention_mask):
+        """Scalar reward [B]: the score head read at each row's last real token (right padding)."""
+        scores = self(input_ids, attention_mask)[..., 0]  # [B, T]
+        last = attention_mask.long().cumsum(-1).argmax(-1)  # index of the last 1 in each row
+        return scores[torch.arange(len(scores), device=scores.device), last]
+
+
+def positions_and_mask(valid: torch.Tensor):
+    """valid [B, T] bool -> positions [B, T] and attention mask [B, 1, T, T].
+
+    Positions count real tokens only, so a left-padded row gets the same
+    positions as the unpadded one. A query may see earlier real keys; padding
+    queries see themselves, so no softmax row is empty (their outputs are unused).
+    """
+    T = valid.shape[1]
+    positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+    causal = torch.ones(T, T, dtype=torch.bool, device=valid.device).tril()
+    mask = causal[None] & valid[:, None, :]
+    mask = mask | torch.eye(T, dtype=torch.bool, device=valid.device)[None]
+    return positions, mask[:, None]
+
+
+# ----------------------------------------------------------------------------
+# KV cache and generation
+
+class KVCache:
+    """Preallocated keys/values [layers, B, n_kv, max_len, hd] plus which slots hold real tokens."""
+
+    def __init__(self, cfg: LlamaConfig, batch: int, max_len: int, device, dtype):
+        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)  # rope position of the next token
+
+    def positions_and_mask(self, start, T, attention_mask):
+        """Positions [B, T] and mask [B, 1, T, start+T] for T new tokens written at `start`."""
+        B = self.valid.shape[0]
+        new = torch.ones(B, T, dtype=torch.bool, device=self.valid.device) if attention_mask is None \
+            else attention_mask.bool()
+        self.valid[:, start:start + T] = new
+        positions = self.next_pos[:, None] + (new.long().cumsum(-1) - 1).clamp(min=0)
+        self.next_pos += new.long().sum(-1)
+        S = start + T
+        causal = torch.ones(T, S, dtype=torch.bool, device=new.device).tril(diagonal=start)
+        mask = causal[None] & self.valid[:, None, :S]
+        mask[:, torch.arange(T), start + torch.arange(T)] = True  # padding queries see themselves
+        return positions, mask[:, None]
+
+    def update(self, layer, start, k, v):
+        T = k.shape[2]
+        self.k[layer, :, :, start:start + T] = k
+        self.v[layer, :, :, start:start + T] = v
+        return self.k[layer, :, :, :start + T], self.v[layer, :, :, :start + T]
+
+    def repeat(self, n: int, used: int):
+        """Each row becomes n consecutive rows (K samples share one prefilled prompt)."""
+        self.k = self.k.repeat_interleave(n, dim=1)
+        self.v = self.v.repeat_interleave(n, dim=1)
+        self.valid = self.valid.repeat_interleave(n, dim=0)
+        self.next_pos = self.next_pos.repeat_interleave(n, dim=0)
+
+
+def sample_next(logits, temperature=0.0, top_p=1.0, top_k=0, generator=None):
+    """logits [B, V] -> next token [B]. temperature 0 = greedy."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        # Keep the smallest set of most likely tokens whose probability reaches top_p.
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p  # mass before this token already reaches top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+@torch.inference_mode()
+def generate(model, tokenizer, prompts, max_new_tokens=120, temperature=0.0, top_p=1.0, top_k=0,
+             num_samples=1, seed=0, batch_size=16, template=None, progress=False):
+    """Answer each prompt `num_samples` times. Returns a list (one per prompt) of
+    lists (one per sample) of dicts {"ids": [...], "text": str, "finished": bool}.
+
+    prompts: strings, rendered with the checkpoint's template (data.render_prompt),
+    or lists of token ids used as they are. Rows are left-padded and prefilled
+    once; with num_samples > 1 each prompt's prefilled cache is copied to its K
+    rows, so a prompt's tokens are processed once, not K times. A row stops at
+    any of the tokenizer's stop ids (EOS, <|im_end|>, <|eot_id|>, ...);
+    `finished` is False when it ran out of new tokens instead. The same seed
+    gives the same samples (for the same batch_size).
+    """
+    import data  # templates live with the tokenizer
+    from tqdm import tqdm
+
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    encoded = [p if isinstance(p, list) else data.encode_prompt(tokenizer, p, template) for p in prompts]
+    stop = torch.tensor(sorted(tokenizer.stop_ids), device=device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    out = []
+    per_batch = max(1, batch_size // num_samples)
+    starts = range(0, len(encoded), per_batch)
+    for s in tqdm(starts, desc="generate", disable=not progress, leave=False):
+        chunk = encoded[s:s + per_batch]
+        P, L = len(chunk), max(len(c) for c in chunk)
+        ids = torch.full((P, L), tokenizer.pad_id, dtype=torch.long, device=device)
+        att = torch.zeros(P, L, dtype=torch.long, device=device)
+        for i, c in enumerate(chunk):  # left padding: every row's last prompt token sits at slot L-1
+            ids[i, L - len(c):] = torch.tensor(c, device=device)
+            att[i, L - len(c):] = 1
+        cache = KVCache(model.config, P, L + max_new_tokens, device, dtype)
+        h = model(ids, att, return_hidden=True, cache=cache, start=0)[:, -1]  # [P, H]
+        logits = F.linear(h, model.lm_head_weight)  # only the last position's logits are needed
+        if num_samples > 1:
+            cache.repeat(num_samples, L)
+            logits = logits.repeat_interleave(num_samples, dim=0)
+        B = P * num_samples
+        new = torch.full((B, max_new_tokens), tokenizer.pad_id, dtype=torch.long, device=device)
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        n = 0
+        for n in range(max_new_tokens):
+            tok = sample_next(logits, temperature, top_p, top_k, generator)
+            tok = torch.where(done, tokenizer.pad_id, tok)
+            new[:, n] = tok
+            done |= torch.isin(tok, stop)
+            if bool(done.all()) or n == max_new_tokens - 1:
+                break
+            step_mask = (~done).long()[:, None]  # finished rows feed padding that nothing attends to
+            logits = model(tok[:, None], step_mask, cache=cache, start=L + n)[:, -1]
+        new = new[:, :n + 1].tolist()
+        for i in range(P):
+            row = []
+            for j in range(num_samples):
+                toks = new[i * num_samples + j]
+                cut = next((t for t, x in enumerate(toks) if x in tokenizer.stop_ids), None)
+                ids_ = toks if cut is None else toks[:cut]
+                row.append({"ids": ids_, "text": tokenizer.decode(ids_), "finished": cut is not None})
+            out.append(row)
+    model.train(was_training)
+    return out
+
+
+# ----------------------------------------------------------------------------
+# Loading and saving (Hugging Face layout)
+
+def resolve_ckpt(ckpt) -> Path:
+    """A folder path, or the embedded default's name -> folder in Hugging Face layout."""
+    if ckpt in (None, DEFAULT_CKPT):
+        import gguf_convert
+        return gguf_convert.smollm2_dir()
+    path = Path(ckpt)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint folder '{ckpt}' does not exist (expected a Hugging Face-layout "
+                                f"folder with config.json and *.safetensors, or '{DEFAULT_CKPT}')")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}/config.json is missing: not a Hugging Face-layout checkpoint")
+    return path
+
+
+def read_config(path: Path) -> LlamaConfig:
+    file = path / "config.json"
+    try:
+        d = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: not valid JSON ({e})") from None
+    return LlamaConfig.from_dict(d, str(file))
+
+
+def weight_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [s for s in shards if not (path / s).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index} lists shards that are missing: {missing}")
+        return [path / s for s in shards]
+    if (path / "model.safetensors").is_file():
+        return [path / "model.safetensors"]
+    if list(path.glob("*.bin")):
+        raise FileNotFoundError(f"{path} holds only PyTorch .bin weights; convert them to safetensors "
+                                "(e.g. transformers' save_pretrained(safe_serialization=True))")
+    raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+
+def load_model(ckpt=DEFAULT_CKPT, dtype=None, device=None) -> Llama:
+    """Build the model on the meta device, then fill it tensor by tensor from
+    the safetensors files: each weight is read, cast and moved once, so no second
+    full copy of the weights is ever held. dtype defaults to fp32 on CPU and
+    the checkpoint's own dtype (bf16 if unsaid) on CUDA."""
+    from safetensors import safe_open
+
+    path = resolve_ckpt(ckpt)
+    cfg = read_config(path)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dtype is None:
+        saved = cfg.raw.get("torch_dtype") or cfg.raw.get("dtype") or "bfloat16"
+        dtype = torch.float32 if device.type == "cpu" else getattr(torch, saved, torch.bfloat16)
+    elif isinstance(dtype, str):
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype) \
+            or getattr(torch, dtype)
+    with torch.device("meta"):
+        model = Llama(cfg)
+    expected = dict(model.named_parameters())
+    seen = set()
+    for file in weight_files(path):
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for name in f.keys():
+                if name.endswith("rotary_emb.inv_freq"):
+                    continue  # old checkpoints store rope frequencies; they are recomputed
+                if name == "lm_head.weight" and cfg.tie_word_embeddings:
+                    continue  # some tied checkpoints also store the (identical) head
+                if name not in expected:
+                    raise KeyError(f"{file}: tensor '{name}' is not a parameter of this model "
+                                   f"(config {path / 'config.json'} describes a LLaMA model; is it another architecture?)")
+                t = f.get_tensor(name)
+                if tuple(t.shape) != tuple(expected[name].shape):
+                    raise ValueError(f"{file}: tensor '{name}' has shape {tuple(t.shape)}, but config.json implies "
+                                     f"{tuple(expected[name].shape)}")
+                set_param(model, name, t.to(device=device, dtype=dtype))
+                seen.add(name)
+    missing = sorted(set(expected) - seen)
+    if missing:
+        raise KeyError(f"{path}: tensors missing from the checkpoint: {missing[:8]}"
+                       f"{' ...' if len(missing) > 8 else ''}")
+    model.inv_freq = rope_inv_freq(cfg).to(device)
+    model.ckpt_dir = path  # where the tokenizer files live; save_model copies them
+    return model.eval()
+
+
+def set_param(model: nn.Module, name: str, tensor: torch.Tensor):
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    setattr(module, attr, nn.Parameter(tensor, requires_grad=True))
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json", "chat_template.jinja")
+
+
+def save_model(model: Llama, out_dir, tokenizer_dir=None, max_shard_bytes=2 * 1024**3, dtype=None):
+    """Write config.json, model.safetensors (or shards + model.safetensors.index.json
+    above max_shard_bytes) and the tokenizer files, into a temporary folder
+    beside out_dir that is then renamed into place: a crash never leaves a
+    half-written checkpoint, and an existing out_dir is replaced whole."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        state = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in model.state_dict().items()}
+        saved_dtype = next(iter(state.values())).dtype
+        cfg = dict(model.config.raw)
+        cfg.update(model_type=cfg.get("model_type", "llama"), torch_dtype=str(saved_dtype).replace("torch.", ""),
+                   architectures=["LlamaForSequenceClassification" if model.config.num_labels else "LlamaForCausalLM"])
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        shards, size = [[]], 0
+        for name, t in state.items():
+            nbytes = t.numel() * t.element_size()
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append(name)
+            size += nbytes
+        if len(shards) == 1:
+            save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, names in enumerate(shards):
+                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file({n: state[n] for n in names}, str(tmp / fname), metadata={"format": "pt"})
+                weight_map.update({n: fname for n in names})
+            total = sum(t.numel() * t.element_size() for t in state.values())
+            (tmp / "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        src = Path(tokenizer_dir or getattr(model, "ckpt_dir", "") or "")
+        for name in TOKENIZER_FILES:
+            if src.name and (src / name).is_file():
+                shutil.copy2(src / name, tmp / name)
+        old = None
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            out_dir.rename(old)
+        tmp.rename(out_dir)
+        if old is not None:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def main(argv=None):
+    import argparse
+    import data
+
+    ap = argparse.ArgumentParser(description="Load a checkpoint and answer prompts.")
+    ap.add_argument("prompts", nargs="*", default=["What is the capital of France?"])
+    ap.add_argument("--ckpt", default=DEFAULT_CKPT)
+    ap.add_argument("--max-new-tokens", type=int, default=120)
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    model = load_model(args.ckpt)
+    tok = data.load_tokenizer(args.ckpt)
+    res = generate(model, tok, args.prompts, args.max_new_tokens, args.temperature, args.top_p, seed=args.seed)
+    for p, r in zip(args.prompts, res):
+        print(f"### {p}\n{r[0]['text']}\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""model.py against transformers' LlamaForCausalLM, plus loading/saving/generation."""
+import json
+
+import pytest
+import torch
+
+import data
+import model as model_lib
+from tests.tiny import random_model, tiny_ckpt, tiny_config
+
+transformers = pytest.importorskip("transformers")
+
+CONFIGS = {
+    "gqa-tied": {},
+    "mha-untied": {"num_key_value_heads": 4, "tie_word_embeddings": False},
+    "llama3-rope": {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
+                    "rope_theta": 500000.0},
+    "rope-parameters-block": {"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                                  "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                  "original_max_position_embeddings": 16}},
+    "bias-headdim": {"attention_bias": True, "mlp_bias": True, "head_dim": 24},
+}
+
+
+def hf_model(folder):
+    return transformers.LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def hf_logits(hf, ids, mask):
+    # transformers takes positions as given; ours come from the mask (left padding = no shift).
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        return hf(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+
+
+def left_padded_batch(vocab, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (3, 40), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0  # left padding
+    mask[2, :19] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_logits_match_transformers(tmp_path, name):
+    ckpt = tiny_ckpt(tmp_path / "m", **CONFIGS[name])
+    ours = model_lib.load_model(ckpt)
+    ids, mask = left_padded_batch(ours.config.vocab_size)
+    with torch.no_grad():
+        mine = ours(ids, mask)
+    ref = hf_logits(hf_model(ckpt), ids, mask)
+    real = mask.bool()
+    assert (mine[real] - ref[real]).abs().max().item() < 1e-4
+    # A left-padded row equals the same tokens without padding.
+    with torch.no_grad():
+        alone = ours(ids[2:, 19:])
+    assert (mine[2, 19:] - alone[0]).abs().max().item() < 1e-4
+
+
+def test_save_roundtrip_sharded_loads_in_transformers(tmp_path):
+    m = random_model(1, tie_word_embeddings=False)
+    tiny_ckpt(tmp_path / "src")  # only for its tokenizer files
+    out = model_lib.save_model(m, tmp_path / "out", tokenizer_dir=tmp_path / "src", max_shard_bytes=60_000)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    assert (out / "tokenizer.json").is_file()
+    ids, mask = left_padded_batch(320)
+    with torch.no_grad():
+        mine = m(ids, mask)
+        again = model_lib.load_model(out)(ids, mask)
+    ref = hf_logits(hf_model(out), ids, mask)
+    real = mask.bool()
+    assert torch.equal(mine, again)
+    assert (mine[real] - ref[real]).abs().max().item() < 1e-4
+    # Saving over an existing checkpoint replaces it whole and leaves no temp folders.
+    model_lib.save_model(random_model(2), out, tokenizer_dir=tmp_path / "src")
+    assert not (out / "model.safetensors.index.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_kv_cache_forward_equals_full_forward():
+    m = random_model(3)
+    ids, mask = left_padded_batch(320)
+    with torch.no_grad():
+        full = m(ids, mask)
+        cache = model_lib.KVCache(m.config, 3, 40, "cpu", torch.float32)
+        first = m(ids[:, :30], mask[:, :30], cache=cache, start=0)
+        rest = [m(ids[:, t:t + 1], mask[:, t:t + 1], cache=cache, start=t) for t in range(30, 40)]
+    stepped = torch.cat([first] + rest, dim=1)
+    real = mask.bool()
+    assert (stepped[real] - full[real]).abs().max().item() < 1e-4
+
+
+def naive_greedy(m, ids, n, stop):
+    """Recompute the whole sequence every step: the obvious twin of generate()."""
+    out = []
+    for _ in range(n):
+        with torch.no_grad():
+            nxt = m(torch.tensor([ids + out]))[0, -1].argmax().item()
+        out.append(nxt)
+        if nxt in stop:
+            break
+    return out
+
+
+def test_generate_greedy_matches_naive_loop_with_left_padding(tmp_path):
+    ckpt = tiny_ckpt(tmp_path / "m", seed=4)
+    m, tok = model_lib.load_model(ckpt), data.load_tokenizer(ckpt)
+    prompts = ["What is the capital of France?", "Hi", "Below is an instruction that describes a task."]
+    res = model_lib.generate(m, tok, prompts, max_new_tokens=12, batch_size=3)
+    for p, r in zip(prompts, res):
+        want = naive_greedy(m, data.encode_prompt(tok, p), 12, tok.stop_ids)
+        got = r[0]["ids"] + ([] if not r[0]["finished"] else [next(iter(set(want) & tok.stop_ids))])
+        assert got == want
+        assert r[0]["text"] == tok.decode(r[0]["ids"])
+
+
+def test_generate_sampling_is_seeded_and_shares_prefix(tmp_path):
+    ckpt = tiny_ckpt(tmp_path / "m", seed=5)
+    m, tok = model_lib.load_model(ckpt), data.load_tokenizer(ckpt)
+    kw = dict(max_new_tokens=10, temperature=0.85, top_p=0.95, num_samples=4, batch_size=8)
+    a = model_lib.generate(m, tok, ["Hi", "What is the capital?"], seed=7, **kw)
+    b = model_lib.generate(m, tok, ["Hi", "What is the capital?"], seed=7, **kw)
+    c = model_lib.generate(m, tok, ["Hi", "What is the capital?"], seed=8, **kw)
+    assert a == b and a != c
+    assert [len(r) for r in a] == [4, 4]
+    assert len({tuple(s["ids"]) for s in a[0]}) > 1  # the K samples differ
+    assert all(len(s["ids"]) <= 10 for r in a for s in r)
+
+
+def test_sample_next_top_p_and_top_k():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    g = torch.Generator().manual_seed(0)
+    draws = {model_lib.sample_next(logits, 1.0, top_p=0.7, generator=g).item() for _ in range(200)}
+    assert draws == {0, 1}  # 0.5 < 0.7 so token 1 is needed; 0.8 >= 0.7 so token 2 is not
+    draws = {model_lib.sample_next(logits, 1.0, top_k=1, generator=g).item() for _ in range(50)}
+    assert draws == {0}
+    assert model_lib.sample_next(logits, 0.0).item() == 0
+
+
+def test_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        model_lib.load_model(tmp_path / "nope")
+    ckpt = tiny_ckpt(tmp_path / "m")
+    cfg = json.loads((ckpt / "config.json").read_text())
+    bad = dict(cfg, rope_scaling={"rope_type": "yarn", "factor": 4.0})
+    (ckpt / "config.json").write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match="yarn.*supported"):
+        model_lib.load_model(ckpt)
+    (ckpt / "config.json").write_text(json.dumps(dict(cfg, hidden_size=32, head_dim=16)))
+    with pytest.raises(ValueError, match="model.embed_tokens.weight.*shape"):
+        model_lib.load_model(ckpt)
+    (ckpt / "config.json").write_text(json.dumps(dict(cfg, num_hidden_layers=3)))
+    with pytest.raises(KeyError, match="missing.*model.layers.2"):
+        model_lib.load_model(ckpt)
+    (ckpt / "config.json").write_text(json.dumps(dict(cfg, num_hidden_layers=1)))
+    with pytest.raises(KeyError, match="model.layers.1.* not a parameter"):
+        model_lib.load_model(ckpt)
+    (ckpt / "config.json").write_text(json.dumps(dict(cfg, vocab_size=100)))
+    with pytest.raises(ValueError, match="does not fit"):
+        data.load_tokenizer(ckpt)
+
+
+def test_reward_head_reads_last_real_token(tmp_path):
+    m = random_model(6, architectures=["LlamaForSequenceClassification"], num_labels=1)
+    tiny_ckpt(tmp_path / "src")
+    out = model_lib.save_model(m, tmp_path / "rm", tokenizer_dir=tmp_path / "src")
+    ours = model_lib.load_model(out)
+    hf = transformers.LlamaForSequenceClassification.from_pretrained(out, dtype=torch.float32).eval()
+    ids = torch.randint(3, 320, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0  # right padding
+    hf.config.pad_token_id = 0
+    ids[1, 8:] = 0
+    with torch.no_grad():
+        mine = ours.reward(ids, mask)
+        ref = hf(input_ids=ids, attention_mask=mask).logits[:, 0]
+    assert (mine - ref).abs().max().item() < 1e-4
