@@ -244,7 +244,6 @@ def encode_prompt(tok: Tokenizer, prompt: str, template: str | None = None, inpu
 def encode_response(tok: Tokenizer, response: str, template: str | None = None) -> list[int]:
     """Answer text -> ids, closed by the template's end-of-turn token."""
     end = TEMPLATES[template or tok.template]["end"]
-    text = response.strip()
-    if (template or tok.template) == "llama2":
-        text = f" {text} "  # as Meta's reference encodes an answer after [/INST]
-    return tok.encode(text) + [tok.special[end] if end in tok.special else tok.eos_id]
+    # sentencepiece adds its dummy-prefix space itself, which is the "▁" that
+    # follows "[INST] ... [/INST]" or "### Response:" when the model generates.
+    return tok.encode(response.strip()) + [tok.special[end] if end in tok.special else tok.eos_id]
