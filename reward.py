@@ -1,0 +1,286 @@
+"""Reward models: score (prompt, answer) pairs, and train one on preference pairs.
+
+    python reward.py --ckpt smollm2 --data ../shared/data/pku_saferlhf_pairs.jsonl --out runs/rm
+    python reward.py --ckpt smollm2 --data pairs.jsonl --out runs/rm --layers 12 --train-layers 4
+
+A reward model here is a LLaMA backbone plus a scalar head, saved in the
+Hugging Face `LlamaForSequenceClassification` layout (`score.weight` [1, H],
+no lm_head), so transformers loads it too. Its reward is the head read at the
+last real token of
+
+    encode_prompt(prompt) + encode_response(answer)    (right-padded)
+
+i.e. the prompt rendered with the checkpoint's template, the answer, and the
+end-of-turn token. `score_texts` is the one function that does this; raft.py
+and eval.py's `reward:DIR` judge both call it.
+
+Public reward models in this layout load with `--reward DIR` as they are,
+e.g. Skywork/Skywork-Reward-Llama-3.1-8B (and -v0.2): architectures
+["LlamaForSequenceClassification"], one label, pad_token_id 128256 (a token
+of its own), Llama 3 chat template. Models with a custom head (PKU-Alignment's
+beaver-7b "LlamaForScore", ArmoRM's gating head) or a non-LLaMA backbone
+(Gemma, Mistral-based RMs with sliding window) are not this layout.
+
+Training is the Bradley-Terry recipe (the paper's "GemmaRM", trained on
+PKU-SafeRLHF pairs): minimise -log sigmoid(r(x, y_chosen) - r(x, y_rejected))
+(losses.reward_loss), then report pairwise accuracy on held-out pairs whose
+prompts never appear in the training pairs.
+
+What is simplified, and why:
+  * One process, no gradient accumulation, no resume: a reward model on the
+    paper's scale of data trains in one sitting; DDP and resume live in
+    common.py for the long SFT/DPO runs.
+  * The score head starts at zero (every reward 0, first loss exactly log 2)
+    rather than random, so the starting point is the same on every seed.
+  * For CPU runs the backbone can be cut to its lowest N layers (`--layers`)
+    and only the top T of those trained (`--train-layers`): most of the cost
+    is the forward pass through all layers for every pair, and mid-depth
+    features of a small LM are known to be about as linearly useful as the
+    last layer's. The saved model is then an N-layer reward model.
+  * Training pairs longer than --max-len are dropped (data.tokenize_pairs
+    keeps answers whole); held-out pairs are all scored, up to 1024 tokens.
+"""
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+import common
+import data
+import losses
+import model as model_lib
+
+
+# ----------------------------------------------------------------------------
+# Building and scoring
+
+def reward_pad_id(tok) -> int:
+    """The pad_token_id a reward model's config.json gets. transformers'
+    LlamaForSequenceClassification reads the score at the last token that is
+    not pad_token_id, so it must differ from the end-of-turn id every scored
+    sequence ends with (SmolLM2 and Llama 2 pad with that very id): the
+    tokenizer's pad id if it is not a stop/BOS id, else the first special id
+    that is not (SmolLM2: <|endoftext|> 0), else 0 (<unk> for Llama 2)."""
+    candidates = [tok.pad_id, *sorted(tok.special.values()), 0]
+    return next(i for i in candidates if i not in tok.stop_ids and i != tok.bos_id)
+
+
+def init_reward_model(ckpt, tok, layers: int | None = None, device=None) -> model_lib.Llama:
+    """A causal LM checkpoint -> a reward model: the same backbone (optionally
+    only its lowest `layers` blocks), no lm_head, and a zero `score` head [1, H]."""
+    lm = model_lib.load_model(ckpt, dtype=torch.float32, device=device)
+    n_layers = lm.config.num_hidden_layers
+    if layers is not None and not 1 <= layers <= n_layers:
+        raise ValueError(f"--layers {layers}: the checkpoint has {n_layers} layers; choose 1..{n_layers}")
+    raw = {k: v for k, v in lm.config.raw.items() if k not in ("id2label", "label2id")}
+    raw.update(architectures=["LlamaForSequenceClassification"], num_labels=1, pad_token_id=reward_pad_id(tok),
+               num_hidden_layers=layers or n_layers)
+    cfg = model_lib.LlamaConfig.from_dict(raw, f"{ckpt} (as a reward model)")
+    with torch.device("meta"):
+        rm = model_lib.Llama(cfg)
+    state = {k: v for k, v in lm.state_dict().items() if k != "lm_head.weight"}
+    # assign=True adopts the loaded tensors (the meta ones have no storage); the
+    # lower `layers` blocks are taken, the rest of the backbone is dropped.
+    result = rm.load_state_dict(state, strict=False, assign=True)
+    if result.missing_keys != ["score.weight"]:
+        raise KeyError(f"{ckpt}: building the reward model left unexpected weights unset: {result.missing_keys}")
+    rm.score = nn.Linear(cfg.hidden_size, 1, bias=False, device=lm.inv_freq.device)
+    nn.init.zeros_(rm.score.weight)
+    rm.inv_freq = lm.inv_freq
+    rm.ckpt_dir = lm.ckpt_dir  # save_model copies the tokenizer files from there
+    return rm
+
+
+def load_reward_model(ckpt, device=None) -> model_lib.Llama:
+    rm = model_lib.load_model(ckpt, device=device)
+    if rm.config.num_labels != 1:
+        raise ValueError(f"{ckpt}: not a scalar reward model (config.json must say architectures "
+                         f"['LlamaForSequenceClassification'] with num_labels 1; got num_labels "
+                         f"{rm.config.num_labels})")
+    return rm
+
+
+def right_pad(seqs, pad_id, device="cpu"):
+    """Lists of ids -> ids [B, T], attention mask [B, T], padding on the right."""
+    T = max(map(len, seqs))
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long, device=device)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s, device=device)
+        mask[i, :len(s)] = 1
+    return ids, mask
+
+
+@torch.inference_mode()
+def score_texts(rm, tok, prompts, answers, batch_size=16, max_len=1024, template=None) -> list[float]:
+    """Reward of each (prompt, answer): the score head at the last token of
+    encode_prompt(prompt) + encode_response(answer). Sequences longer than
+    max_len keep their first max_len tokens (the answer's end is lost, so is
+    its end-of-turn token). Rows are batched by length to waste little padding;
+    scores come back in the input order."""
+    if len(prompts) != len(answers):
+        raise ValueError(f"score_texts: {len(prompts)} prompts but {len(answers)} answers")
+    seqs = [(data.encode_prompt(tok, p, template) + data.encode_response(tok, a, template))[:max_len]
+            for p, a in zip(prompts, answers)]
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    device = next(rm.parameters()).device
+    pad_id = rm.config.raw.get("pad_token_id")  # padding is masked; this id only keeps transformers in step
+    pad_id = tok.pad_id if pad_id is None else pad_id
+    was_training = rm.training
+    rm.eval()
+    scores = [0.0] * len(seqs)
+    for s in range(0, len(order), batch_size):
+        rows = order[s:s + batch_size]
+        ids, mask = right_pad([seqs[i] for i in rows], pad_id, device)
+        for i, r in zip(rows, rm.reward(ids, mask).float().tolist()):
+            scores[i] = r
+    rm.train(was_training)
+    return scores
+
+
+def pairwise_accuracy(rm, tok, pairs, batch_size=16, template=None) -> dict:
+    """Share of pairs with r(chosen) > r(rejected) (a tie counts as wrong), and the mean margin."""
+    prompts = [p["prompt"] for p in pairs]
+    chosen = score_texts(rm, tok, prompts, [p["chosen"] for p in pairs], batch_size, template=template)
+    rejected = score_texts(rm, tok, prompts, [p["rejected"] for p in pairs], batch_size, template=template)
+    margins = [c - r for c, r in zip(chosen, rejected)]
+    return {"accuracy": sum(m > 0 for m in margins) / len(margins), "margin": sum(margins) / len(margins),
+            "pairs": len(pairs)}
+
+
+def split_pairs(pairs, n_train: int, n_eval: int, seed: int):
+    """Held-out and training pairs with disjoint prompts (PKU-SafeRLHF has ~5
+    pairs per prompt, so a split by pair would leak prompts): prompts are
+    shuffled, whole prompt groups go to the held-out set until it has n_eval
+    pairs, and n_train training pairs are drawn from the remaining prompts."""
+    rng = random.Random(seed)
+    groups = {}
+    for p in pairs:
+        groups.setdefault(p["prompt"], []).append(p)
+    prompts = sorted(groups)
+    rng.shuffle(prompts)
+    held, rest = [], []
+    for q in prompts:
+        (held if len(held) < n_eval else rest).extend(groups[q])
+    rng.shuffle(rest)
+    held, train = held[:n_eval], rest[:n_train]
+    if len(train) < n_train or len(held) < n_eval:
+        raise ValueError(f"asked for {n_train} training + {n_eval} held-out pairs with disjoint prompts, "
+                         f"but the data gives {len(train)} + {len(held)}; lower --train-pairs/--eval-pairs")
+    return train, held
+
+
+# ----------------------------------------------------------------------------
+# Training
+
+def build_parser():
+    ap = argparse.ArgumentParser(description="Train a Bradley-Terry reward model on preference pairs.")
+    ap.add_argument("--ckpt", default=model_lib.DEFAULT_CKPT, help="causal LM to start from (HF folder or 'smollm2')")
+    ap.add_argument("--data", required=True, help="preference pairs (JSONL {prompt, chosen, rejected}, PKU, HH)")
+    ap.add_argument("--out", required=True, help="folder for the reward model (HF LlamaForSequenceClassification)")
+    ap.add_argument("--train-pairs", type=int, default=2000)
+    ap.add_argument("--eval-pairs", type=int, default=1000, help="held-out pairs, prompts disjoint from training")
+    ap.add_argument("--layers", type=int, default=None, help="keep only the lowest N decoder layers (CPU runs)")
+    ap.add_argument("--train-layers", type=int, default=None,
+                    help="train only the top T kept layers + final norm + head (default: all)")
+    ap.add_argument("--lora-rank", type=int, default=0, help="> 0: LoRA on the backbone (head trained fully)")
+    ap.add_argument("--lr", type=float, default=5e-5)
+    ap.add_argument("--weight-decay", type=float, default=0.0)
+    ap.add_argument("--epochs", type=float, default=1.0)
+    ap.add_argument("--max-steps", type=int, default=0, help="> 0: this many steps (overrides --epochs)")
+    ap.add_argument("--batch-size", type=int, default=8, help="pairs per step")
+    ap.add_argument("--max-len", type=int, default=256, help="training pairs longer than this are dropped")
+    ap.add_argument("--warmup-ratio", type=float, default=0.05)
+    ap.add_argument("--warmup-steps", type=int, default=-1)
+    ap.add_argument("--max-grad-norm", type=float, default=1.0)
+    ap.add_argument("--eval-batch-size", type=int, default=16)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--template", default=None)
+    ap.add_argument("--log-every", type=int, default=10)
+    return ap
+
+
+def freeze_lower(rm, train_layers: int):
+    """Only the top `train_layers` blocks, the final norm and the head learn;
+    autograd then never goes below them, which is where the time is saved."""
+    n = rm.config.num_hidden_layers
+    if not 1 <= train_layers <= n:
+        raise ValueError(f"--train-layers {train_layers}: the reward model has {n} layers")
+    for p in rm.parameters():
+        p.requires_grad_(False)
+    for module in [*rm.model.layers[n - train_layers:], rm.model.norm, rm.score]:
+        for p in module.parameters():
+            p.requires_grad_(True)
+
+
+def main(argv=None):
+    """Train, save, evaluate; returns the held-out metrics (tests call this in-process)."""
+    args = build_parser().parse_args(argv)
+    args.grad_accum = 1  # read by common.plan_steps
+    torch.manual_seed(args.seed)
+    t_start = time.time()
+    out = Path(args.out)
+    tok = data.load_tokenizer(args.ckpt, args.template)
+    load_stats = {}
+    pairs = data.load_preferences(args.data, load_stats)
+    train_pairs, held_out = split_pairs(pairs, args.train_pairs, args.eval_pairs, args.seed)
+    train, tok_stats = data.tokenize_pairs(tok, train_pairs, args.max_len, args.template)
+    lengths = [data.example_length(e) for e in train]
+    steps = common.plan_steps(lengths, args, world=1)
+
+    rm = init_reward_model(args.ckpt, tok, args.layers)
+    if args.lora_rank > 0:
+        model_lib.add_lora(rm, args.lora_rank)  # freezes everything else ...
+        rm.score.weight.requires_grad_(True)  # ... but a new head must learn
+    elif args.train_layers:
+        freeze_lower(rm, args.train_layers)
+    rm.train()
+    opt, sched = common.make_optimizer(rm, args, len(steps))
+    n_train = sum(p.numel() for p in rm.parameters() if p.requires_grad)
+    config = {**vars(args), "data_stats": load_stats, "tokenize_stats": tok_stats, "steps": len(steps),
+              "trainable_params": n_train, "total_params": sum(p.numel() for p in rm.parameters()),
+              "held_out_pairs": len(held_out)}
+    print(json.dumps(config, indent=2), flush=True)
+
+    log = []
+    for step, (rows,) in enumerate(steps):
+        batch = data.collate_pairs([train[i] for i in rows], tok.pad_id)
+        rewards = rm.reward(batch["input_ids"], batch["attention_mask"])  # [2B]: chosen rows, then rejected
+        loss, metrics = losses.reward_loss(rewards[:len(rows)], rewards[len(rows):])
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(rm.parameters(), args.max_grad_norm or float("inf"))
+        lr = sched.get_last_lr()[0]
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        log.append({"step": step + 1, "lr": lr, "grad_norm": float(grad_norm),
+                    **{k: float(v) for k, v in metrics.items()}, "elapsed_s": round(time.time() - t_start, 1)})
+        if args.log_every and ((step + 1) % args.log_every == 0 or step + 1 == len(steps)):
+            recent = log[-args.log_every:]
+            mean = {k: sum(r[k] for r in recent) / len(recent) for k in ("loss", "rewards/accuracies",
+                                                                         "rewards/margins")}
+            print(f"step {step + 1}/{len(steps)} loss {mean['loss']:.4f} acc {mean['rewards/accuracies']:.3f} "
+                  f"margin {mean['rewards/margins']:.3f} lr {lr:.2e} ({time.time() - t_start:.0f}s)", flush=True)
+
+    if args.lora_rank > 0:
+        model_lib.merge_lora(rm)
+    model_lib.save_model(rm, out)
+    t_train = time.time() - t_start
+    result = pairwise_accuracy(rm, tok, held_out, args.eval_batch_size, args.template)
+    result.update(train_seconds=round(t_train, 1), total_seconds=round(time.time() - t_start, 1))
+    print(f"held-out pairwise accuracy {result['accuracy']:.4f} on {result['pairs']} pairs "
+          f"(mean margin {result['margin']:.3f}); train {t_train:.0f}s, total {result['total_seconds']:.0f}s")
+    (out / "train_config.json").write_text(json.dumps(config, indent=2))
+    (out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    (out / "eval.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)
