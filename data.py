@@ -247,3 +247,364 @@ def encode_response(tok: Tokenizer, response: str, template: str | None = None) 
     # sentencepiece adds its dummy-prefix space itself, which is the "▁" that
     # follows "[INST] ... [/INST]" or "### Response:" when the model generates.
     return tok.encode(response.strip()) + [tok.special[end] if end in tok.special else tok.eos_id]
+
+
+# ----------------------------------------------------------------------------
+# Reading records: every error names the file and, for JSONL, the line.
+
+def read_records(path) -> list[tuple[str, dict]]:
+    """A JSON list (or one JSON object) or a JSONL file -> [(where, record)],
+    `where` being "file:line" or "file[index]" for error messages."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file '{path}' does not exist")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix != ".jsonl" and text.lstrip()[:1] in "[{":
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            if e.msg != "Extra data":  # "Extra data" after the first object: JSON Lines, read below
+                raise ValueError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+        else:
+            rows = obj if isinstance(obj, list) else [obj]
+            return [(f"{path}[{i}]", r) for i, r in enumerate(rows)]
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            out.append((f"{path}:{n}", json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: malformed JSON line ({e.msg}); fix or remove that line") from None
+    return out
+
+
+def _field(where: str, rec: dict, key: str, required=True):
+    if not isinstance(rec, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    if key not in rec:
+        if required:
+            raise KeyError(f"{where}: missing field '{key}' (fields present: {sorted(rec)})")
+        return ""
+    v = rec[key]
+    if not isinstance(v, str):
+        raise ValueError(f"{where}: field '{key}' should be a string, got {type(v).__name__}")
+    return v
+
+
+# ----------------------------------------------------------------------------
+# Instruction data (SFT / SIT)
+
+def load_instructions(path, stats=None) -> list[dict]:
+    """Alpaca JSON list {instruction, input?, output} or JSONL {prompt, response}
+    -> [{"prompt", "input", "response"}]. A record with an empty response is
+    skipped and counted in stats["skipped_empty"]."""
+    stats = {} if stats is None else stats
+    out = []
+    for where, rec in read_records(path):
+        if isinstance(rec, dict) and "instruction" in rec:
+            ex = {"prompt": _field(where, rec, "instruction"), "input": _field(where, rec, "input", False),
+                  "response": _field(where, rec, "output")}
+        else:
+            ex = {"prompt": _field(where, rec, "prompt"), "input": _field(where, rec, "input", False),
+                  "response": _field(where, rec, "response")}
+        if not ex["prompt"].strip():
+            raise ValueError(f"{where}: empty instruction/prompt")
+        if not ex["response"].strip():
+            stats["skipped_empty"] = stats.get("skipped_empty", 0) + 1
+            continue
+        out.append(ex)
+    if not out:
+        raise ValueError(f"{path}: no usable instruction examples")
+    return out
+
+
+def mix_sit(instructions: list[dict], safety: list[dict], n_safety: int, seed: int = 0) -> list[dict]:
+    """The paper's SIT set: the instruction data plus n_safety safety
+    demonstrations (harmful request -> safe answer) drawn without replacement
+    by a seeded RNG, so the same seed gives the same mix."""
+    import random
+
+    if n_safety > len(safety):
+        raise ValueError(f"--n-safety {n_safety} is more than the {len(safety)} safety demonstrations available")
+    return instructions + random.Random(seed).sample(safety, n_safety)
+
+
+# ----------------------------------------------------------------------------
+# Preference data (DPO, reward models)
+
+def _pku_pair(where, rec, stats):
+    """PKU-SafeRLHF raw row -> pair, with the paper's filter: the chosen answer
+    is both the better and a safe one, the rejected one is unsafe."""
+    try:
+        better, safer = int(rec["better_response_id"]), int(rec["safer_response_id"])
+        safe = [bool(rec["is_response_0_safe"]), bool(rec["is_response_1_safe"])]
+    except KeyError as e:
+        raise KeyError(f"{where}: PKU-SafeRLHF row without field {e}") from None
+    if better not in (0, 1) or safer not in (0, 1):
+        raise ValueError(f"{where}: better_response_id/safer_response_id must be 0 or 1")
+    if not (better == safer and safe[better] and not safe[1 - better]):
+        stats["dropped_pku_filter"] = stats.get("dropped_pku_filter", 0) + 1
+        return None
+    return {"prompt": _field(where, rec, "prompt"), "chosen": _field(where, rec, f"response_{better}"),
+            "rejected": _field(where, rec, f"response_{1 - better}")}
+
+
+ASSISTANT = "\n\nAssistant:"
+
+
+def _hh_pair(where, rec, stats):
+    """Anthropic HH-RLHF: two whole dialogues sharing a prefix; the prompt is
+    everything up to the last "\\n\\nAssistant:", the answers what follows it."""
+    chosen, rejected = _field(where, rec, "chosen"), _field(where, rec, "rejected")
+    cut_c, cut_r = chosen.rfind(ASSISTANT), rejected.rfind(ASSISTANT)
+    if cut_c < 0 or cut_r < 0:
+        raise ValueError(f"{where}: HH-RLHF dialogue without '\\n\\nAssistant:'")
+    prompt = chosen[:cut_c]
+    if rejected[:cut_r] != prompt:
+        stats["dropped_hh_prefix"] = stats.get("dropped_hh_prefix", 0) + 1
+        return None
+    prompt = prompt.strip()
+    if prompt.startswith("Human:") and "\n\nHuman:" not in prompt:
+        prompt = prompt[len("Human:"):].strip()  # single turn: the plain question
+    return {"prompt": prompt, "chosen": chosen[cut_c + len(ASSISTANT):], "rejected": rejected[cut_r + len(ASSISTANT):]}
+
+
+def load_preferences(path, stats=None) -> list[dict]:
+    """JSONL/JSON of {prompt, chosen, rejected}, PKU-SafeRLHF raw rows or
+    HH-RLHF dialogues (recognised per record) -> [{"prompt", "chosen", "rejected"}].
+    Filtered and empty pairs are counted in `stats`, never silently lost."""
+    stats = {} if stats is None else stats
+    out = []
+    for where, rec in read_records(path):
+        if isinstance(rec, dict) and "response_0" in rec:
+            pair = _pku_pair(where, rec, stats)
+        elif isinstance(rec, dict) and "prompt" not in rec and "chosen" in rec:
+            pair = _hh_pair(where, rec, stats)
+        else:
+            pair = {k: _field(where, rec, k) for k in ("prompt", "chosen", "rejected")}
+        if pair is None:
+            continue
+        if not pair["chosen"].strip() or not pair["rejected"].strip():
+            stats["skipped_empty"] = stats.get("skipped_empty", 0) + 1
+            continue
+        if pair["chosen"].strip() == pair["rejected"].strip():
+            stats["skipped_identical"] = stats.get("skipped_identical", 0) + 1
+            continue
+        out.append(pair)
+    stats["pairs"] = len(out)
+    if not out:
+        raise ValueError(f"{path}: no usable preference pairs (counts: {stats})")
+    return out
+
+
+def load_prompts(path) -> list[str]:
+    """Prompts for generation (RAFT, evaluation), from: safety-tuned-llamas
+    evaluation JSON {"instructions": [...], "inputs": [...]}, JSONL with a
+    `prompt` or `instruction` field, an Alpaca JSON list, or plain text with
+    one prompt per line (.txt)."""
+    path = Path(path)
+    if path.suffix == ".txt":
+        if not path.is_file():
+            raise FileNotFoundError(f"prompt file '{path}' does not exist")
+        return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = read_records(path)
+    if len(records) == 1 and isinstance(records[0][1], dict) and "instructions" in records[0][1]:
+        rec = records[0][1]
+        inputs = rec.get("inputs") or []
+        if inputs and len(inputs) != len(rec["instructions"]):
+            raise ValueError(f"{path}: {len(rec['instructions'])} instructions but {len(inputs)} inputs")
+        return [f"{q}\n\n{x}" if x else q for q, x in zip(rec["instructions"], inputs or [""] * len(rec["instructions"]))]
+    out = []
+    for where, rec in records:
+        key = "prompt" if isinstance(rec, dict) and "prompt" in rec else "instruction"
+        q, x = _field(where, rec, key), _field(where, rec, "input", False)
+        out.append(f"{q}\n\n{x}" if x else q)
+    return out
+
+
+# ----------------------------------------------------------------------------
+# Tokenisation. Each sequence is encode_prompt(prompt) + encode_response(answer)
+# (ids concatenated, so the boundary is the one generation sees; see the module
+# docstring). Only response tokens are trained: the loss mask is False on the
+# prompt and on padding, and True on the closing end-of-turn/EOS token even
+# when the pad id has the same value (padding is never recognised by its id).
+#
+# Truncation keeps the answers whole: the prompt is cut from the left (after
+# its BOS, which stays) until prompt + longest answer <= max_len; if fewer
+# than MIN_PROMPT prompt tokens would remain (or the whole prompt, if shorter),
+# the example is dropped and counted in stats["dropped_too_long"].
+
+MIN_PROMPT = 8
+
+
+def _fit_prompt(tok, prompt_ids, answer_len, max_len):
+    room = max_len - answer_len
+    if len(prompt_ids) <= room:
+        return prompt_ids
+    if room < min(MIN_PROMPT, len(prompt_ids)):
+        return None
+    keep_bos = tok.add_bos and tok.bos_id is not None and prompt_ids[0] == tok.bos_id
+    return [prompt_ids[0]] + prompt_ids[len(prompt_ids) - room + 1:] if keep_bos else prompt_ids[-room:]
+
+
+def tokenize_sft(tok, examples, max_len, template=None):
+    """[{prompt, input, response}] -> ([{"input_ids", "n_prompt", "index"}], stats).
+    `index` is the example's position in `examples`."""
+    out, stats = [], {"examples": len(examples), "truncated_prompt": 0, "dropped_too_long": 0}
+    for i, ex in enumerate(examples):
+        p = encode_prompt(tok, ex["prompt"], template, ex.get("input", ""))
+        r = encode_response(tok, ex["response"], template)
+        fit = _fit_prompt(tok, p, len(r), max_len)
+        if fit is None:
+            stats["dropped_too_long"] += 1
+            continue
+        stats["truncated_prompt"] += len(fit) < len(p)
+        out.append({"input_ids": fit + r, "n_prompt": len(fit), "index": i})
+    stats["kept"] = len(out)
+    return out, stats
+
+
+def tokenize_pairs(tok, pairs, max_len, template=None):
+    """[{prompt, chosen, rejected}] -> ([{"prompt_ids", "chosen_ids", "rejected_ids",
+    "index"}], stats). Both answers share one (possibly truncated) prompt."""
+    out, stats = [], {"pairs": len(pairs), "truncated_prompt": 0, "dropped_too_long": 0}
+    for i, pair in enumerate(pairs):
+        p = encode_prompt(tok, pair["prompt"], template, pair.get("input", ""))
+        c, r = encode_response(tok, pair["chosen"], template), encode_response(tok, pair["rejected"], template)
+        fit = _fit_prompt(tok, p, max(len(c), len(r)), max_len)
+        if fit is None:
+            stats["dropped_too_long"] += 1
+            continue
+        stats["truncated_prompt"] += len(fit) < len(p)
+        out.append({"prompt_ids": fit, "chosen_ids": c, "rejected_ids": r, "index": i})
+    stats["kept"] = len(out)
+    return out, stats
+
+
+def example_length(ex) -> int:
+    """Longest sequence an example puts in a batch (a pair: prompt + longer answer)."""
+    if "input_ids" in ex:
+        return len(ex["input_ids"])
+    return len(ex["prompt_ids"]) + max(len(ex["chosen_ids"]), len(ex["rejected_ids"]))
+
+
+# ----------------------------------------------------------------------------
+# Batches: right padding to the longest row of the batch (dynamic padding).
+
+def _pad(seqs, n_prompts, pad_id):
+    """Token lists -> input_ids [B, T], attention_mask [B, T], loss_mask [B, T] (bool, True on answer tokens)."""
+    import torch
+
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    att = torch.zeros(len(seqs), T, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T, dtype=torch.bool)
+    for i, (s, n) in enumerate(zip(seqs, n_prompts)):
+        ids[i, :len(s)] = torch.tensor(s)
+        att[i, :len(s)] = 1
+        mask[i, n:len(s)] = True
+    return {"input_ids": ids, "attention_mask": att, "loss_mask": mask}
+
+
+def collate_sft(examples, pad_id):
+    """-> {"input_ids", "attention_mask", "loss_mask"} [B, T] and "index" [B].
+    loss_mask[b, t] says whether token t is trained (predicted from t-1)."""
+    import torch
+
+    batch = _pad([e["input_ids"] for e in examples], [e["n_prompt"] for e in examples], pad_id)
+    batch["index"] = torch.tensor([e["index"] for e in examples])
+    return batch
+
+
+def collate_pairs(examples, pad_id):
+    """B pairs -> one batch of 2B rows, chosen rows 0..B-1 then rejected rows
+    B..2B-1, so both answers go through the model in a single forward pass."""
+    import torch
+
+    seqs = [e["prompt_ids"] + e["chosen_ids"] for e in examples] + \
+           [e["prompt_ids"] + e["rejected_ids"] for e in examples]
+    n_prompts = [len(e["prompt_ids"]) for e in examples] * 2
+    batch = _pad(seqs, n_prompts, pad_id)
+    batch["index"] = torch.tensor([e["index"] for e in examples])
+    return batch
+
+
+def length_grouped_batches(lengths, batch_size, seed, epoch, group=64):
+    """Index batches for one epoch. The data is shuffled (seed, epoch), cut into
+    mega-batches of `group` batches, each sorted by length and cut into batches,
+    and the batch order is shuffled again: rows of similar length share a batch
+    (less padding) while the order stays random. group=1: plain shuffled batches."""
+    import random
+
+    rng = random.Random(seed * 1_000_003 + epoch)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    span = batch_size * group
+    batches = []
+    for s in range(0, len(order), span):
+        mega = sorted(order[s:s + span], key=lambda i: -lengths[i])
+        batches += [mega[j:j + batch_size] for j in range(0, len(mega), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def padding_fraction(batches, lengths) -> float:
+    """Share of padded slots when every batch is padded to its longest row."""
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+    return 1.0 - sum(lengths[i] for b in batches for i in b) / max(padded, 1)
+
+
+# ----------------------------------------------------------------------------
+# `python data.py show`: trained tokens in green [brackets], masked ones plain.
+
+def render_masked(tok, ids, loss_mask, color=True) -> str:
+    """One sequence as text: trained tokens marked, masked tokens plain, so a
+    mask that covers the prompt or misses the final EOS is seen at a glance."""
+    parts = []
+    for i, m in zip(ids, loss_mask):
+        piece = tok.decode([i], skip_special=False).replace("\n", "\\n\n") or f"<{i}>"
+        if m:
+            parts.append(f"\033[42;30m{piece}\033[0m" if color else f"[{piece}]")
+        else:
+            parts.append(f"\033[2m{piece}\033[0m" if color else piece)
+    return "".join(parts)
+
+
+def show(argv=None):
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="data.py show", description="Print tokenised examples with the loss mask.")
+    ap.add_argument("--ckpt", default=None, help="checkpoint folder for the tokenizer (default: smollm2)")
+    ap.add_argument("--data", required=True, help="instruction (Alpaca/JSONL) or preference file")
+    ap.add_argument("--n", type=int, default=3)
+    ap.add_argument("--max-len", type=int, default=512)
+    ap.add_argument("--template", default=None)
+    ap.add_argument("--no-color", action="store_true", help="mark trained tokens as [tok] instead of colour")
+    args = ap.parse_args(argv)
+    tok = load_tokenizer(args.ckpt, args.template)
+    first = read_records(args.data)[0][1]
+    prefs = isinstance(first, dict) and ("chosen" in first or "response_0" in first)
+    stats = {}
+    if prefs:
+        examples, tstats = tokenize_pairs(tok, load_preferences(args.data, stats), args.max_len)
+        batch = collate_pairs(examples[:args.n], tok.pad_id)
+    else:
+        examples, tstats = tokenize_sft(tok, load_instructions(args.data, stats), args.max_len)
+        batch = collate_sft(examples[:args.n], tok.pad_id)
+    color = sys.stdout.isatty() and not args.no_color
+    print(f"{args.data}: template={tok.template} load={stats} tokenize={tstats}")
+    print("legend: " + render_masked(tok, tok.encode("trained"), [1] * 8, color) + " = trained, "
+          + render_masked(tok, tok.encode("masked"), [0] * 8, color) + " = masked\n")
+    for row in range(batch["input_ids"].shape[0]):
+        n = int(batch["attention_mask"][row].sum())
+        kind = ("chosen" if row < len(batch["index"]) else "rejected") if prefs else "example"
+        print(f"--- {kind} #{row % len(batch['index'])}: {n} tokens, {int(batch['loss_mask'][row].sum())} trained")
+        print(render_masked(tok, batch["input_ids"][row, :n].tolist(), batch["loss_mask"][row, :n].tolist(), color))
+        print()
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2 or sys.argv[1] != "show":
+        sys.exit("usage: python data.py show --ckpt DIR --data FILE [--n 3]")
+    show(sys.argv[2:])

@@ -1,0 +1,343 @@
+"""What sft.py and dpo.py share: arguments, model setup, optimiser and
+schedule, the step plan, checkpoints and resume, logs and curves, and the
+distributed setup. The training loops themselves live in the two scripts.
+
+Layout of a run's --out DIR:
+    config.json, model.safetensors, tokenizer files   final model (HF layout),
+        or adapter_config.json + adapter_model.safetensors with --save-adapter
+    train_config.json   resolved arguments and data counts, written at start
+    log.jsonl           one line per optimiser step
+    curves.png          loss / reward margin / accuracy / lr against step
+    state/trainer.pt    resumable state (weights, optimiser, schedule, RNG, step),
+                        replaced atomically every --save-every steps
+    state/ref_logps.pt  dpo.py --ref precompute: reference log-probs per pair
+
+Loss normalisation, the same under gradient accumulation and DDP: the step's
+global batch (all micro-batches on all ranks) is known before the first
+forward, so each rank's micro-batch loss is its *sum* of per-token (SFT) or
+per-pair (DPO) losses divided by the count over the whole global step. Summing
+over micro-batches and ranks then gives exactly the one-big-batch mean; DDP
+averages gradients over ranks, so each rank multiplies its loss by world size.
+"""
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import model as model_lib
+
+
+# ----------------------------------------------------------------------------
+# Arguments
+
+def add_common_args(ap, lr: float):
+    ap.add_argument("--ckpt", default=model_lib.DEFAULT_CKPT, help="HF-layout folder, or 'smollm2' (default)")
+    ap.add_argument("--data", action="append", required=True, help="training file (repeat for several)")
+    ap.add_argument("--out", required=True, help="run folder (final checkpoint, logs, state/)")
+    ap.add_argument("--template", default=None, help="prompt template (default: the checkpoint's)")
+    ap.add_argument("--lr", type=float, default=lr)
+    ap.add_argument("--weight-decay", type=float, default=0.0)
+    ap.add_argument("--epochs", type=float, default=1.0)
+    ap.add_argument("--max-steps", type=int, default=0, help="> 0: this many optimiser steps (overrides --epochs)")
+    ap.add_argument("--batch-size", type=int, default=8, help="examples (DPO: pairs) per micro-batch, all ranks together")
+    ap.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimiser step")
+    ap.add_argument("--max-len", type=int, default=512)
+    ap.add_argument("--warmup-ratio", type=float, default=0.1)
+    ap.add_argument("--warmup-steps", type=int, default=-1, help=">= 0 overrides --warmup-ratio")
+    ap.add_argument("--max-grad-norm", type=float, default=1.0, help="0 = no clipping")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16 = autocast, fp32 master weights")
+    ap.add_argument("--grad-checkpointing", action="store_true")
+    ap.add_argument("--logprob-impl", choices=("auto", "naive", "chunked", "triton"), default="auto")
+    ap.add_argument("--lora-rank", type=int, default=0, help="0 = full fine-tuning")
+    ap.add_argument("--lora-alpha", type=float, default=16.0)
+    ap.add_argument("--lora-dropout", type=float, default=0.0)
+    ap.add_argument("--lora-targets", default=",".join(model_lib.LORA_TARGETS))
+    ap.add_argument("--save-adapter", action="store_true", help="with LoRA: save the adapter, not merged weights")
+    ap.add_argument("--resume", action="store_true", help="continue from OUT/state/trainer.pt")
+    ap.add_argument("--log-every", type=int, default=1, help="print a log line every N steps")
+    ap.add_argument("--save-every", type=int, default=50, help="write OUT/state every N steps (0 = never)")
+    ap.add_argument("--quiet", "--no-progress", dest="quiet", action="store_true", help="no progress bar")
+    return ap
+
+
+# ----------------------------------------------------------------------------
+# Distributed (torchrun sets RANK / WORLD_SIZE / LOCAL_RANK)
+
+class Run:
+    """Rank, world size, device and output folder of this process."""
+
+    def __init__(self, args):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        if self.world > 1:
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            dist.init_process_group(backend)
+        if torch.cuda.is_available():
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            torch.cuda.set_device(local)
+            self.device = torch.device("cuda", local)
+        else:
+            self.device = torch.device("cpu")
+        self.main = self.rank == 0
+        self.out = Path(args.out)
+        self.state_dir = self.out / "state"
+        if self.main:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+
+    def sum(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum of a tensor over ranks (itself when single-process)."""
+        if self.world > 1:
+            x = x.clone()
+            dist.all_reduce(x)
+        return x
+
+    def barrier(self):
+        if self.world > 1:
+            dist.barrier()
+
+    def close(self):
+        if self.world > 1:
+            dist.destroy_process_group()
+
+    def print(self, *a):
+        if self.main:
+            print(*a, flush=True)
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------
+# Model
+
+def load_policy(args, device):
+    """The model to train: loaded in fp32 (bf16 runs under autocast), with
+    gradient checkpointing and LoRA as asked."""
+    model = model_lib.load_model(args.ckpt, dtype=torch.float32, device=device)
+    model.gradient_checkpointing = args.grad_checkpointing
+    if args.lora_rank > 0:
+        targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
+        model_lib.add_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout, targets)
+    elif args.save_adapter:
+        raise ValueError("--save-adapter needs LoRA (--lora-rank > 0)")
+    return model.train()
+
+
+def wrap_ddp(model, run):
+    if run.world == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+    return DistributedDataParallel(model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+
+
+def autocast(args, device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
+
+
+# ----------------------------------------------------------------------------
+# Optimiser and schedule
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warmup from 0 over `warmup` steps, then cosine decay to 0 at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_optimizer(model, args, total_steps: int):
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    warmup = args.warmup_steps if args.warmup_steps >= 0 else int(args.warmup_ratio * total_steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total_steps, warmup))
+    return opt, sched
+
+
+# ----------------------------------------------------------------------------
+# Step plan: which examples every optimiser step uses
+
+def plan_steps(lengths, args, world: int) -> list[list[list[int]]]:
+    """steps[s] = the micro-batches (global example-index lists) of step s.
+
+    Epoch e's batches come from data.length_grouped_batches(seed, e), so the
+    plan is a pure function of the data and the arguments: resuming at step s
+    just means starting at steps[s]. Micro-batches with fewer rows than ranks
+    (the last one of an epoch) are dropped, since every rank needs a row.
+    With --max-steps the epochs repeat (reshuffled) until there are enough.
+    """
+    import data
+
+    micro, epoch = [], 0
+    while True:
+        batches = [b for b in data.length_grouped_batches(lengths, args.batch_size, args.seed, epoch)
+                   if len(b) >= world]
+        if args.max_steps <= 0 and epoch + 1 > args.epochs:  # a fractional last epoch
+            batches = batches[:int(len(batches) * (args.epochs - epoch))]
+        micro += batches
+        epoch += 1
+        if not batches or (len(micro) >= args.max_steps * args.grad_accum if args.max_steps > 0
+                           else epoch >= args.epochs):
+            break
+    steps = [micro[i:i + args.grad_accum] for i in range(0, len(micro), args.grad_accum)]
+    if args.max_steps > 0:
+        steps = steps[:args.max_steps]
+    if not steps:
+        raise ValueError(f"no training steps: {len(lengths)} examples, batch size {args.batch_size}")
+    return steps
+
+
+def padding_report(lengths, batch_size, seed) -> str:
+    import data
+
+    grouped = data.padding_fraction(data.length_grouped_batches(lengths, batch_size, seed, 0), lengths)
+    plain = data.padding_fraction(data.length_grouped_batches(lengths, batch_size, seed, 0, group=1), lengths)
+    return f"padding: {grouped:.1%} of slots with length grouping vs {plain:.1%} with random batches"
+
+
+# ----------------------------------------------------------------------------
+# Checkpoints
+
+def save_state(run, model, opt, sched, step: int):
+    """state/trainer.pt: trainable weights, optimiser, schedule, RNG of every
+    rank and the step; written to a temporary file and renamed, so a crash
+    leaves the previous state whole."""
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
+           "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    rngs = [None] * run.world
+    if run.world > 1:
+        dist.all_gather_object(rngs, rng)
+    else:
+        rngs = [rng]
+    if run.main:
+        trainable = {k: v for k, v in model.state_dict().items() if k in _trainable_names(model)}
+        state = {"step": step, "model": trainable, "optimizer": opt.state_dict(),
+                 "scheduler": sched.state_dict(), "rng": rngs}
+        tmp = run.state_dir / "trainer.pt.tmp"
+        torch.save(state, tmp)
+        os.replace(tmp, run.state_dir / "trainer.pt")
+    run.barrier()
+
+
+def _trainable_names(model):
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_state(run, model, opt, sched) -> int:
+    """Restore what save_state wrote; returns the step to continue from."""
+    file = run.state_dir / "trainer.pt"
+    if not file.is_file():
+        raise FileNotFoundError(f"--resume: {file} does not exist (no state saved yet; see --save-every)")
+    state = torch.load(file, map_location=run.device, weights_only=False)
+    missing = _trainable_names(model) - set(state["model"])
+    if missing:
+        raise KeyError(f"{file}: no saved weights for {sorted(missing)[:4]}: was it written with other "
+                       "--lora-* settings?")
+    model.load_state_dict(state["model"], strict=False)
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    if len(state["rng"]) != run.world:
+        raise ValueError(f"{file} was written by {len(state['rng'])} processes, this run has {run.world}")
+    rng = state["rng"][run.rank]
+    torch.set_rng_state(rng["torch"].cpu())
+    random.setstate(rng["python"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"].cpu())
+    return state["step"]
+
+
+def save_final(run, model, tokenizer_dir, args):
+    """The trained model into OUT: merged weights in HF layout, or the adapter.
+    save_model writes a complete folder beside OUT, whose files are then moved
+    into OUT one by one (each move atomic), keeping logs and state/."""
+    if not run.main:
+        return
+    if args.lora_rank > 0 and args.save_adapter:
+        model_lib.save_adapter(model, run.out, args.ckpt)
+        for name in model_lib.TOKENIZER_FILES:
+            if (Path(tokenizer_dir) / name).is_file():
+                (run.out / name).write_bytes((Path(tokenizer_dir) / name).read_bytes())
+        return
+    if args.lora_rank > 0:
+        model_lib.merge_lora(model)
+    tmp = run.out.with_name(f".{run.out.name}.final")
+    model_lib.save_model(model, tmp, tokenizer_dir=tokenizer_dir)
+    for f in sorted(tmp.iterdir(), key=lambda f: f.name == "config.json"):  # config.json last
+        os.replace(f, run.out / f.name)
+    tmp.rmdir()
+
+
+# ----------------------------------------------------------------------------
+# Logs
+
+def save_config(run, args, extra: dict):
+    """Print the resolved configuration and write OUT/train_config.json."""
+    cfg = {**vars(args), "world_size": run.world, "device": str(run.device), **extra}
+    if run.main:
+        print(json.dumps(cfg, indent=2, default=str), flush=True)
+        (run.out / "train_config.json").write_text(json.dumps(cfg, indent=2, default=str))
+    return cfg
+
+
+class StepLog:
+    """OUT/log.jsonl, one JSON line per step; on resume, lines after the
+    resumed step are dropped so the file reads as one run."""
+
+    def __init__(self, run, start_step: int):
+        self.run, self.path = run, run.out / "log.jsonl"
+        self.t0 = time.time()
+        if run.main:
+            old = self.path.read_text().splitlines() if (start_step > 0 and self.path.is_file()) else []
+            keep = [line for line in old if json.loads(line)["step"] <= start_step]
+            self.path.write_text("".join(line + "\n" for line in keep))
+
+    def write(self, row: dict):
+        if self.run.main:
+            row = {k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in row.items()}
+            with self.path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+def check_finite(loss: float, grad_norm: float, step: int, run):
+    """Stop before a NaN/inf reaches the weights; state/ keeps the last good step."""
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        raise FloatingPointError(
+            f"step {step}: loss={loss} grad_norm={grad_norm} is not finite; stopped before the optimiser step. "
+            f"The last good state is {run.state_dir / 'trainer.pt'} (if one was saved); try a lower --lr, "
+            "--dtype fp32, or check the data with `python data.py show`.")
+
+
+def plot_curves(run, keys=("loss", "rewards/margins", "rewards/accuracies", "lr")):
+    """OUT/curves.png from log.jsonl: one panel per metric that was logged."""
+    if not run.main or not (run.out / "log.jsonl").is_file():
+        return
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in (run.out / "log.jsonl").read_text().splitlines()]
+    keys = [k for k in keys if any(k in r for r in rows)]
+    if not rows or not keys:
+        return
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
+    for ax, k in zip(axes[0], keys):
+        pts = [(r["step"], r[k]) for r in rows if k in r]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts])
+        ax.set_title(k)
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(run.out / "curves.png", dpi=80)
+    plt.close(fig)
+
+
+def progress(run, total: int, start: int, args, desc: str):
+    from tqdm import tqdm
+    return tqdm(total=total, initial=start, desc=desc, disable=args.quiet or not run.main, file=sys.stderr)

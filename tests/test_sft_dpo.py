@@ -1,0 +1,178 @@
+"""sft.py and dpo.py end to end on a tiny random model: first DPO loss, learning,
+resume, NaN guard, masking, and 2-process DDP against 1 process."""
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import data
+import dpo
+import losses
+import sft
+from tests.tiny import tiny_ckpt
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = ["What is the capital of France?", "The quick brown fox", "Write a response", "Sure! Here is how",
+           "I can't help with that", "What is 0123?", "Describe the lazy dog", "Below is an instruction"]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return str(tiny_ckpt(tmp_path_factory.mktemp("tiny") / "m"))
+
+
+@pytest.fixture(scope="module")
+def toy_prefs(tmp_path_factory):
+    """Chosen always answers "A", rejected always "B"."""
+    f = tmp_path_factory.mktemp("prefs") / "ab.jsonl"
+    f.write_text("".join(json.dumps({"prompt": p, "chosen": "A", "rejected": "B"}) + "\n" for p in PROMPTS * 2))
+    return str(f)
+
+
+@pytest.fixture(scope="module")
+def memo_set(tmp_path_factory):
+    f = tmp_path_factory.mktemp("sft") / "memo.json"
+    f.write_text(json.dumps([{"instruction": p, "input": "", "output": "Paris is the capital of France."}
+                             for p in PROMPTS]))
+    return str(f)
+
+
+def args(ckpt, data_file, out, *extra):
+    return ["--ckpt", ckpt, "--data", data_file, "--out", str(out), "--quiet", "--batch-size", "4",
+            "--warmup-steps", "0", "--seed", "1", *map(str, extra)]
+
+
+def log(out):
+    return [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
+
+
+def test_dpo_first_loss_is_log2_and_toy_preference_is_learned(ckpt, toy_prefs, tmp_path):
+    dpo.main(args(ckpt, toy_prefs, tmp_path / "run", "--max-steps", 8, "--lr", 3e-3))
+    rows = log(tmp_path / "run")
+    assert abs(rows[0]["loss"] - math.log(2)) < 1e-5  # policy == reference at step 0
+    assert abs(rows[0]["rewards/margins"]) < 1e-5
+    assert rows[-1]["rewards/accuracies"] == 1.0 and rows[-1]["rewards/margins"] > 1.0
+    assert {"rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "lr", "grad_norm",
+            "tokens_per_s"} <= set(rows[0])
+    out = tmp_path / "run"
+    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+    assert (out / "curves.png").is_file() and json.loads((out / "train_config.json").read_text())["beta"] == 0.1
+    assert (out / "state" / "ref_logps.pt").is_file()
+
+
+def test_dpo_reference_model_equals_precompute(ckpt, toy_prefs, tmp_path):
+    dpo.main(args(ckpt, toy_prefs, tmp_path / "pre", "--max-steps", 3, "--lr", 1e-3))
+    dpo.main(args(ckpt, toy_prefs, tmp_path / "mod", "--max-steps", 3, "--lr", 1e-3, "--ref", "model",
+                  "--logprob-impl", "naive"))
+    for a, b in zip(log(tmp_path / "pre"), log(tmp_path / "mod")):
+        assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["rewards/margins"] - b["rewards/margins"]) < 1e-4
+
+
+def test_sft_loss_falls_on_memorisable_set(ckpt, memo_set, tmp_path):
+    sft.main(args(ckpt, memo_set, tmp_path / "sft", "--max-steps", 12, "--lr", 3e-3))
+    rows = log(tmp_path / "sft")
+    assert rows[-1]["loss"] < 0.3 * rows[0]["loss"]
+
+
+class Interrupt(Exception):
+    pass
+
+
+def crash_after(monkeypatch, module, name, calls, nan=False):
+    """Make module.name misbehave from call number `calls` on: raise, or return NaN losses."""
+    real, count = getattr(module, name), {"n": 0}
+
+    def wrapped(*a, **k):
+        count["n"] += 1
+        if count["n"] > calls:
+            if not nan:
+                raise Interrupt()
+            out, metrics = real(*a, **k)
+            return out * float("nan"), metrics
+        return real(*a, **k)
+
+    monkeypatch.setattr(module, name, wrapped)
+    return count
+
+
+@pytest.mark.parametrize("script", ["sft", "dpo"])
+def test_resume_equals_uninterrupted(ckpt, toy_prefs, memo_set, tmp_path, monkeypatch, capsys, script):
+    main, fn, file = (sft.main, "sft_loss", memo_set) if script == "sft" else (dpo.main, "dpo_loss", toy_prefs)
+    common = ("--max-steps", 6, "--lr", 1e-3, "--grad-accum", 2, "--batch-size", 2, "--lora-rank", 0)
+    main(args(ckpt, file, tmp_path / "full", *common))
+    with monkeypatch.context() as m:
+        crash_after(m, losses, fn, calls=7)  # dies in step 4, after the state of step 2 was saved
+        with pytest.raises(Interrupt):
+            main(args(ckpt, file, tmp_path / "cut", *common, "--save-every", 2))
+    assert not (tmp_path / "cut" / "model.safetensors").exists()
+    count = crash_after(monkeypatch, losses, fn, calls=10**9)
+    capsys.readouterr()
+    main(args(ckpt, file, tmp_path / "cut", *common, "--save-every", 2, "--resume"))
+    if script == "dpo":  # the reference log-probs come from the run's cache, not a new pass
+        assert re.search(r"reference log-probs: (\d+) of \1 pairs cached", capsys.readouterr().out)
+    assert count["n"] == 8  # steps 3..6 only, 2 micro-batches each
+    full, cut = log(tmp_path / "full"), log(tmp_path / "cut")
+    assert [r["step"] for r in cut] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(full, cut):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6) and a["lr"] == b["lr"]
+    wa, wb = load_file(str(tmp_path / "full" / "model.safetensors")), load_file(str(tmp_path / "cut" / "model.safetensors"))
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+
+
+def test_nan_stops_the_run_and_keeps_the_last_good_state(ckpt, memo_set, tmp_path, monkeypatch):
+    crash_after(monkeypatch, losses, "sft_loss", calls=3, nan=True)  # 1 micro-batch per step: step 4 is NaN
+    with pytest.raises(FloatingPointError, match="step 4: .* not finite"):
+        sft.main(args(ckpt, memo_set, tmp_path / "nan", "--max-steps", 6, "--save-every", 2))
+    state = torch.load(tmp_path / "nan" / "state" / "trainer.pt", weights_only=False)
+    assert state["step"] == 2 and not (tmp_path / "nan" / "model.safetensors").exists()
+
+
+def test_prompt_and_padding_labels_change_nothing(ckpt):
+    tok = data.load_tokenizer(ckpt)
+    import model as model_lib
+    model = model_lib.load_model(ckpt)
+    ex, _ = data.tokenize_sft(tok, [{"prompt": p, "input": "", "response": "Paris."} for p in PROMPTS[:3]], 64)
+    batch = data.collate_sft(ex, tok.pad_id)
+    ids, att, mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
+    hidden = model(ids, att, return_hidden=True)
+
+    def loss(labels):
+        return losses.sft_loss(losses.response_token_logps(hidden, model.lm_head_weight, labels, mask), mask[:, 1:])[0]
+
+    scrambled = torch.where(mask, ids, torch.randint_like(ids, 3, tok.vocab_size))  # prompt + padding labels changed
+    assert torch.equal(loss(ids), loss(scrambled))
+    answer_changed = ids.clone()
+    answer_changed[0, ex[0]["n_prompt"]] = 5  # one trained label changed: the loss must move
+    assert not torch.equal(loss(ids), loss(answer_changed))
+
+
+def test_two_processes_equal_one(ckpt, toy_prefs, tmp_path):
+    extra = ("--max-steps", 3, "--lr", 1e-3, "--grad-accum", 2)
+    dpo.main(args(ckpt, toy_prefs, tmp_path / "one", *extra))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "dpo.py"), *args(ckpt, toy_prefs, tmp_path / "two", *extra)]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for a, b in zip(log(tmp_path / "one"), log(tmp_path / "two"), strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+        assert a["rewards/accuracies"] == pytest.approx(b["rewards/accuracies"], abs=1e-6)
+    wa, wb = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-5
+    assert max((wa[k] - load_file(str(Path(ckpt) / "model.safetensors"))[k]).abs().max().item() for k in wa) > 1e-4
+
+
+def test_sit_mixes_n_safety_demonstrations(ckpt, memo_set, tmp_path):
+    safety = tmp_path / "safety.jsonl"
+    safety.write_text("".join(json.dumps({"prompt": f"harm {k}", "response": "I can't help with that."}) + "\n"
+                              for k in range(10)))
+    out = sft.main(args(ckpt, memo_set, tmp_path / "sit", "--max-steps", 1, "--safety-data", safety, "--n-safety", 3))
+    cfg = json.loads((Path(out) / "train_config.json").read_text())
+    assert cfg["data_stats"] == {"instructions": 8, "safety": 3} and cfg["tokenize_stats"]["kept"] == 11
