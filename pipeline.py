@@ -1,0 +1,155 @@
+"""The main job, end to end: make SmolLM2-135M-Instruct safe on a laptop CPU.
+
+    python pipeline.py                  # the full demo (about 20 minutes on 2 CPU cores)
+    python pipeline.py --quick          # a smoke run: a few steps and prompts per stage (CI)
+
+Stages, in order (each is the scripts' own command, called in-process; the
+README shows each one to run alone):
+  1. baseline  eval.py on the held-out demo prompts: the base model complies
+  2. sit       sft.py: safety instruction tuning on demo_data/sit_train.json
+  3. dpo       dpo.py: sigmoid DPO, beta 0.1, on demo_data/prefs_train.jsonl
+  4. raft      raft.py: one best-of-K round scored by the offline refusal judge
+  5. eval      eval.py on every stage's checkpoint, then one combined report
+Every method starts from the base model, as in the paper's comparison. A stage
+whose output already exists is skipped, so an interrupted run resumes where it
+stopped. Everything lands in --out (default runs/pipeline): one folder per
+stage, and report/ with report.md, report.png and results.json.
+
+Simplifications, on purpose: the demo data is small and hand-written
+(demo_data/README.md), so the held-out demo prompts, not the paper's
+benchmarks, are the default test set (`--paper-benchmarks` adds the three
+benchmarks from ../shared/data when present); RAFT runs one short round with
+a rule-based reward instead of a trained reward model.
+"""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import dpo
+import eval as evaluation
+import raft
+import sft
+
+ROOT = Path(__file__).resolve().parent
+DEMO = ROOT / "demo_data"
+SHARED = ROOT.parent / "shared" / "data"
+PAPER_BENCHMARKS = ["I-MaliciousInstructions.json", "I-CoNa.json", "I-Controversial.json"]
+
+# Minutes each stage took in the reference run on 2 CPU cores (README): the
+# time-left estimate scales these by how fast this machine has been so far.
+EXPECTED_MINUTES = {"baseline": 3.0, "sit": 2.0, "dpo": 5.0, "raft": 4.0, "eval": 6.0}
+
+# Stage settings: (full run, --quick smoke run).
+SETTINGS = {
+    "sit": (["--epochs", "2", "--lr", "2e-5", "--batch-size", "8", "--max-len", "384"],
+            ["--max-steps", "2", "--batch-size", "2", "--max-len", "128"]),
+    "dpo": (["--epochs", "2", "--lr", "5e-6", "--beta", "0.1", "--batch-size", "8", "--max-len", "384"],
+            ["--max-steps", "2", "--batch-size", "2", "--max-len", "128"]),
+    "raft": (["--k", "4", "--prompts-per-iter", "48", "--max-new-tokens", "64", "--sft-epochs", "2"],
+             ["--k", "2", "--prompts-per-iter", "2", "--max-new-tokens", "8", "--sft-max-steps", "1",
+              "--sft-batch-size", "2"]),
+}
+
+
+class Clock:
+    """Per-stage headers with elapsed time and an estimate of the time left."""
+
+    def __init__(self, stages):
+        self.stages, self.start, self.done = stages, time.time(), []
+
+    def header(self, i, name, what):
+        elapsed = time.time() - self.start
+        left = sum(EXPECTED_MINUTES[s] for s in self.stages[i:]) * 60
+        done_expected = sum(EXPECTED_MINUTES[s] for s in self.done) * 60
+        if done_expected:
+            left *= elapsed / done_expected  # this machine's speed relative to the reference run
+        print(f"\n=== [{i + 1}/{len(self.stages)}] {name}: {what}  "
+              f"(elapsed {elapsed / 60:.1f} min, about {left / 60:.0f} min left)", flush=True)
+
+    def finish(self, name):
+        self.done.append(name)
+
+
+def run_eval(ckpts: dict, out: Path, args) -> dict:
+    benches = [str(DEMO / "eval_harmful.jsonl")]
+    if args.paper_benchmarks:
+        benches += [str(SHARED / b) for b in PAPER_BENCHMARKS if (SHARED / b).is_file()]
+    return evaluation.evaluate(ckpts, benches, judge="refusal", out=out, benign=[str(DEMO / "eval_benign.jsonl")],
+                               max_new_tokens=8 if args.quick else 120, batch_size=16,
+                               limit=3 if args.quick else None)
+
+
+def combine_reports(stage_dirs: dict, out: Path):
+    """One results.json / report.md / report.png over every stage's own eval."""
+    merged, gens = None, []
+    for name, folder in stage_dirs.items():
+        res = json.loads((folder / "results.json").read_text())
+        if merged is None:
+            merged = {"settings": dict(res["settings"], ckpts={}), "results": {}}
+        merged["settings"]["ckpts"].update(res["settings"]["ckpts"])
+        merged["results"].update(res["results"])
+        gens += [json.loads(line) for line in (folder / "generations.jsonl").read_text().splitlines()]
+    evaluation.write_report(merged, out, gens)
+    return merged
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="runs/pipeline")
+    ap.add_argument("--ckpt", default="smollm2", help="the base model (default: embedded SmolLM2-135M-Instruct)")
+    ap.add_argument("--quick", action="store_true", help="a few steps and prompts per stage (CI smoke run)")
+    ap.add_argument("--paper-benchmarks", action="store_true",
+                    help="also evaluate on I-MaliciousInstructions, I-CoNa, I-Controversial from ../shared/data")
+    ap.add_argument("--skip-raft", action="store_true")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    q = int(args.quick)
+    stages = ["baseline", "sit", "dpo"] + ([] if args.skip_raft else ["raft"]) + ["eval"]
+    clock = Clock(stages)
+    quiet = ["--quiet"] if args.quick else []
+    ckpts = {"base": args.ckpt}
+    evals = {}
+
+    for i, stage in enumerate(stages):
+        if stage == "baseline":
+            clock.header(i, "baseline", "how often does the instruction-tuned model refuse?")
+            evals["base"] = out / "eval_base"
+            if not (evals["base"] / "results.json").is_file():
+                run_eval({"base": args.ckpt}, evals["base"], args)
+        elif stage in ("sit", "dpo", "raft"):
+            what = {"sit": "safety instruction tuning (SFT on safety demonstrations + instructions)",
+                    "dpo": "direct preference optimisation on safe-vs-compliant pairs",
+                    "raft": "reward-ranked fine-tuning: sample K, keep the best, fine-tune"}[stage]
+            clock.header(i, stage, what)
+            folder = out / stage
+            done = (folder / "iter_1" / "config.json") if stage == "raft" else (folder / "config.json")
+            if not done.is_file():
+                common = ["--ckpt", args.ckpt, "--out", str(folder), "--seed", "0"] + quiet
+                if stage == "sit":
+                    sft.main(common + ["--data", str(DEMO / "sit_train.json")] + SETTINGS["sit"][q])
+                elif stage == "dpo":
+                    dpo.main(common + ["--data", str(DEMO / "prefs_train.jsonl")] + SETTINGS["dpo"][q])
+                else:
+                    raft.main(common + ["--prompts", str(DEMO / "raft_prompts.jsonl"), "--reward", "refusal"]
+                              + SETTINGS["raft"][q])
+            ckpts[stage] = str(folder / "iter_1" if stage == "raft" else folder)
+        else:
+            clock.header(i, "eval", "every stage on the held-out prompts")
+            for name, path in ckpts.items():
+                if name == "base":
+                    continue
+                evals[name] = out / f"eval_{name}"
+                if not (evals[name] / "results.json").is_file():
+                    run_eval({name: path}, evals[name], args)
+        clock.finish(stage)
+
+    merged = combine_reports(evals, out / "report")
+    print(f"\n=== done in {(time.time() - clock.start) / 60:.1f} min; report: {out / 'report'}/report.md\n")
+    print((out / "report" / "report.md").read_text())
+    return merged
+
+
+if __name__ == "__main__":
+    sys.exit(main() and 0)
