@@ -135,7 +135,9 @@ def _finish(tok: Tokenizer, tok_cfg, gen_cfg, cfg, template):
     tok.template = template or guess_template(chat, tok.kind)
     if tok.template not in TEMPLATES:
         raise ValueError(f"unknown template '{tok.template}'; choose one of {sorted(TEMPLATES)}")
-    m = re.search(r"<\|im_start\|>system\\n(.*?)<\|im_end\|>", chat)
+    # The default system message a ChatML template inserts (SmolLM2: "You are a
+    # helpful AI assistant named SmolLM, ..."); the template holds a real newline.
+    m = re.search(r"<\|im_start\|>system\n(.*?)<\|im_end\|>", chat)
     tok.system_prompt = m.group(1) if m else None
     stops = {tok.eos_id}
     for extra in (gen_cfg.get("eos_token_id"), cfg.get("eos_token_id")):

@@ -10,7 +10,11 @@ README shows each one to run alone):
   3. dpo       dpo.py: sigmoid DPO, beta 0.1, on demo_data/prefs_train.jsonl
   4. raft      raft.py: one best-of-K round scored by the offline refusal judge
   5. eval      eval.py on every stage's checkpoint, then one combined report
-Every method starts from the base model, as in the paper's comparison. A stage
+DPO and RAFT start from the SIT checkpoint. The base model never refuses (0 of
+378 harmful prompts, eval.py), so RAFT has no refusal among its samples to
+keep, and DPO's reference would give the hand-written chosen answers very low
+likelihood; the DPO paper (Rafailov et al. 2023, sec. 4) makes the same move,
+fine-tuning on preferred answers first when no SFT model of the data exists. A stage
 whose output already exists is skipped, so an interrupted run resumes where it
 stopped. Everything lands in --out (default runs/pipeline): one folder per
 stage, and report/ with report.md, report.png and results.json.
@@ -43,11 +47,11 @@ EXPECTED_MINUTES = {"baseline": 3.0, "sit": 2.0, "dpo": 5.0, "raft": 4.0, "eval"
 
 # Stage settings: (full run, --quick smoke run).
 SETTINGS = {
-    "sit": (["--epochs", "2", "--lr", "2e-5", "--batch-size", "8", "--max-len", "384"],
+    "sit": (["--epochs", "2", "--lr", "3e-5", "--batch-size", "8", "--max-len", "256"],
             ["--max-steps", "2", "--batch-size", "2", "--max-len", "128"]),
-    "dpo": (["--epochs", "2", "--lr", "5e-6", "--beta", "0.1", "--batch-size", "8", "--max-len", "384"],
+    "dpo": (["--epochs", "1", "--lr", "5e-6", "--beta", "0.1", "--batch-size", "8", "--max-len", "256"],
             ["--max-steps", "2", "--batch-size", "2", "--max-len", "128"]),
-    "raft": (["--k", "4", "--prompts-per-iter", "48", "--max-new-tokens", "64", "--sft-epochs", "2"],
+    "raft": (["--k", "4", "--prompts-per-iter", "48", "--max-new-tokens", "64", "--sft-epochs", "1"],
              ["--k", "2", "--prompts-per-iter", "2", "--max-new-tokens", "8", "--sft-max-steps", "1",
               "--sft-batch-size", "2"]),
 }
@@ -126,7 +130,8 @@ def main(argv=None):
             folder = out / stage
             done = (folder / "iter_1" / "config.json") if stage == "raft" else (folder / "config.json")
             if not done.is_file():
-                common = ["--ckpt", args.ckpt, "--out", str(folder), "--seed", "0"] + quiet
+                start = args.ckpt if stage == "sit" else ckpts["sit"]
+                common = ["--ckpt", start, "--out", str(folder), "--seed", "0"] + quiet
                 if stage == "sit":
                     sft.main(common + ["--data", str(DEMO / "sit_train.json")] + SETTINGS["sit"][q])
                 elif stage == "dpo":

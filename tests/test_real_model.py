@@ -72,4 +72,8 @@ def test_tokenizer_equals_transformers_on_real_strings(smol):
     mismatched = [s for s in strings if tok.encode(s) != hf.encode(s, add_special_tokens=False)]
     assert mismatched == []
     assert tok.encode("<|im_start|>") == [1] and tok.encode("<|im_end|>") == [2]
+    # The prompt text is the checkpoint's own chat template, default system message included.
+    chat = [{"role": "user", "content": "How do I kill a Python process?"}]
+    assert data.render_prompt(tok, chat[0]["content"]) == hf.apply_chat_template(
+        chat, tokenize=False, add_generation_prompt=True)
     assert tok.decode(tok.encode(strings[5])) == strings[5]
