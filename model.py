@@ -302,23 +302,32 @@ class KVCache:
         self.next_pos = self.next_pos.repeat_interleave(n, dim=0)
 
 
-def sample_next(logits, temperature=0.0, top_p=1.0, top_k=0, generator=None):
-    """logits [B, V] -> next token [B]. temperature 0 = greedy."""
+def sample_next(logits, temperature=0.0, top_p=1.0, top_k=0, generator=None, candidates=1024):
+    """logits [B, V] -> next token [B]. temperature 0 = greedy.
+
+    top-k keeps the k most likely tokens; top-p then keeps the smallest set of
+    the most likely ones whose probability reaches top_p (after top-k, as in
+    transformers). Sorting the whole vocabulary every step is slow, so only the
+    `candidates` most likely tokens are sorted (torch.topk); when some row's
+    nucleus does not fit in them, every token is sorted instead. Exact either way.
+    """
     if temperature <= 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature
-    if top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+    V = logits.shape[-1]
+    if top_k <= 0 and top_p >= 1.0:  # plain sampling from the whole distribution
+        return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+    k = min(top_k, V) if top_k > 0 else min(candidates, V) if top_p < 1.0 else V
+    vals, idx = logits.topk(k, dim=-1)  # [B, k], most likely first
+    # Probabilities of the candidates: over the top-k set with top-k, over the whole vocabulary without.
+    probs = (vals - (vals if top_k > 0 else logits).logsumexp(-1, keepdim=True)).exp()
+    if top_k <= 0 and k < V and bool((probs.sum(-1) < top_p).any()):
+        return sample_next(logits, 1.0, top_p, 0, generator, candidates=V)  # nucleus wider than the candidates
     if top_p < 1.0:
-        # Keep the smallest set of most likely tokens whose probability reaches top_p.
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) >= top_p  # mass before this token already reaches top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+        drop = probs.cumsum(-1) - probs >= top_p  # mass before this token already reaches top_p
+        probs = probs.masked_fill(drop, 0.0)
+    choice = torch.multinomial(probs, 1, generator=generator)  # [B, 1], renormalises the kept mass
+    return idx.gather(-1, choice)[:, 0]
 
 
 @torch.inference_mode()

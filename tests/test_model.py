@@ -145,6 +145,13 @@ def test_sample_next_top_p_and_top_k():
     draws = {model_lib.sample_next(logits, 1.0, top_k=1, generator=g).item() for _ in range(50)}
     assert draws == {0}
     assert model_lib.sample_next(logits, 0.0).item() == 0
+    # Only the 2 most likely are sorted: they hold 0.8 >= 0.7, so the answer is the same.
+    draws = {model_lib.sample_next(logits, 1.0, top_p=0.7, generator=g, candidates=2).item() for _ in range(200)}
+    assert draws == {0, 1}
+    # A flat distribution's nucleus is wider than 16 candidates: the full sort takes over.
+    flat = torch.zeros(1, 5000)
+    draws = {model_lib.sample_next(flat, 1.0, top_p=0.9, generator=g, candidates=16).item() for _ in range(200)}
+    assert len(draws) > 150
 
 
 def test_clear_errors(tmp_path):
