@@ -55,6 +55,7 @@ import torch
 
 import data
 import model as model_lib
+import reward as reward_lib
 
 HARMFUL, BENIGN, HELPFUL, MCQ = "harmful", "benign", "helpful", "mcq"
 
@@ -310,27 +311,9 @@ class RewardJudge:
                              "LlamaForSequenceClassification, so there is no score head)")
         self.tok = data.load_tokenizer(ckpt)
 
-    @torch.inference_mode()
     def score(self, prompts, answers, batch_size=8) -> list[float]:
-        """Reward of (rendered prompt + answer + end-of-turn token), right-padded, in batches."""
-        seqs = [data.encode_prompt(self.tok, p) + data.encode_response(self.tok, a) for p, a in zip(prompts, answers)]
-        device = next(self.model.parameters()).device
-        scores = []
-        for s in range(0, len(seqs), batch_size):
-            ids, mask = right_pad(seqs[s:s + batch_size], self.tok.pad_id, device)
-            scores += self.model.reward(ids, mask).float().tolist()
-        return scores
-
-
-def right_pad(seqs, pad_id, device):
-    """Lists of ids -> ids [B, T] and mask [B, T], padding on the right."""
-    T = max(map(len, seqs))
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros(len(seqs), T, dtype=torch.long, device=device)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s, device=device)
-        mask[i, :len(s)] = 1
-    return ids, mask
+        """Reward of each (prompt, answer), by reward.score_texts: the one scoring convention."""
+        return reward_lib.score_texts(self.model, self.tok, prompts, answers, batch_size)
 
 
 # ----------------------------------------------------------------------------
@@ -353,7 +336,7 @@ def mcq_logps(model, tok, items, batch_size=16) -> list[list[tuple[float, float]
     out = [[] for _ in items]
     for s in range(0, len(rows), batch_size):
         chunk = rows[s:s + batch_size]
-        ids, mask = right_pad([p + c for _, p, c in chunk], tok.pad_id, device)
+        ids, mask = reward_lib.right_pad([p + c for _, p, c in chunk], tok.pad_id, device)
         scored = torch.zeros_like(mask, dtype=torch.bool)  # [B, T]: True on the choice's tokens
         for i, (_, p, c) in enumerate(chunk):
             scored[i, len(p):len(p) + len(c)] = True
