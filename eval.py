@@ -34,10 +34,6 @@ Baseline: SmolLM2-135M-Instruct, refusal judge, greedy, 120 new tokens, batch 16
     I-MaliciousInstructions 0.0% safe (n=100), I-CoNa 0.0% (178), I-Controversial 0.0% (40),
     demo eval_harmful 0.0% (60); demo eval_benign 0.0% refused (50).
 
-(The three paper benchmarks were measured before the ChatML template gained
-SmolLM2's default system message; the demo prompts were measured again with
-it, by pipeline.py, with the same 0.0% / 0.0%.)
-
 It never refuses in words. A few answers argue against the premise or drift
 into harmless nonsense, which Llama Guard may call safe: on such a model the
 refusal judge is a lower bound on the paper's Llama Guard safe rate.
