@@ -254,6 +254,22 @@ def load_state(run, model, opt, sched) -> int:
     return state["step"]
 
 
+def maybe_save_state(run, model, opt, sched, done: int, total: int, args):
+    """Every --save-every steps (not after the last: the final model follows)."""
+    if args.save_every and done % args.save_every == 0 and done < total:
+        save_state(run, model, opt, sched, done)
+        plot_curves(run)
+
+
+def finish(run, model, args) -> str:
+    """Final checkpoint and curves into OUT; returns OUT."""
+    save_final(run, model, model.ckpt_dir, args)
+    plot_curves(run)
+    run.print(f"saved {run.out}")
+    run.close()
+    return str(run.out)
+
+
 def save_final(run, model, tokenizer_dir, args):
     """The trained model into OUT: merged weights in HF layout, or the adapter.
     save_model writes a complete folder beside OUT, whose files are then moved

@@ -494,18 +494,25 @@ def example_length(ex) -> int:
 # ----------------------------------------------------------------------------
 # Batches: right padding to the longest row of the batch (dynamic padding).
 
-def _pad(seqs, n_prompts, pad_id):
-    """Token lists -> input_ids [B, T], attention_mask [B, T], loss_mask [B, T] (bool, True on answer tokens)."""
+def right_pad(seqs, pad_id, device="cpu"):
+    """Token lists -> input_ids [B, T] and attention_mask [B, T] (1 = token), padded on the right."""
     import torch
 
     T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    att = torch.zeros(len(seqs), T, dtype=torch.long)
-    mask = torch.zeros(len(seqs), T, dtype=torch.bool)
-    for i, (s, n) in enumerate(zip(seqs, n_prompts)):
-        ids[i, :len(s)] = torch.tensor(s)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long, device=device)
+    att = torch.zeros(len(seqs), T, dtype=torch.long, device=device)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s, device=device)
         att[i, :len(s)] = 1
-        mask[i, n:len(s)] = True
+    return ids, att
+
+
+def _pad(seqs, n_prompts, pad_id):
+    """Token lists -> input_ids [B, T], attention_mask [B, T], loss_mask [B, T] (bool, True on answer tokens)."""
+    ids, att = right_pad(seqs, pad_id)
+    mask = att.bool()
+    for i, n in enumerate(n_prompts):
+        mask[i, :n] = False  # the prompt is context, not a target
     return {"input_ids": ids, "attention_mask": att, "loss_mask": mask}
 
 

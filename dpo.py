@@ -191,15 +191,9 @@ def main(argv=None):
         if args.log_every and (step + 1) % args.log_every == 0:
             run.print(f"step {step + 1}/{len(steps)} loss {row['loss']:.4f} margin {row['rewards/margins']:.3f} "
                       f"acc {row['rewards/accuracies']:.2f} lr {lr:.2e} {row['s_per_step']:.2f}s")
-        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < len(steps):
-            common.save_state(run, model, opt, sched, step + 1)
-            common.plot_curves(run)
+        common.maybe_save_state(run, model, opt, sched, step + 1, len(steps), args)
     bar.close()
-    common.save_final(run, model, model.ckpt_dir, args)
-    common.plot_curves(run)
-    run.print(f"saved {run.out}")
-    run.close()
-    return str(run.out)
+    return common.finish(run, model, args)
 
 
 if __name__ == "__main__":

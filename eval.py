@@ -332,7 +332,7 @@ def mcq_logps(model, tok, items, batch_size=16) -> list[list[tuple[float, float]
     out = [[] for _ in items]
     for s in range(0, len(rows), batch_size):
         chunk = rows[s:s + batch_size]
-        ids, mask = reward_lib.right_pad([p + c for _, p, c in chunk], tok.pad_id, device)
+        ids, mask = data.right_pad([p + c for _, p, c in chunk], tok.pad_id, device)
         scored = torch.zeros_like(mask, dtype=torch.bool)  # [B, T]: True on the choice's tokens
         for i, (_, p, c) in enumerate(chunk):
             scored[i, len(p):len(p) + len(c)] = True

@@ -275,7 +275,8 @@ class KVCache:
         self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)  # rope position of the next token
 
     def positions_and_mask(self, start, T, attention_mask):
-        """Positions [B, T] and mask [B, 1, T, start+T] for T new tokens written at `start`."""
+        """Positions [B, T] and mask [B, 1, T, start+T] for T new tokens written at
+        `start`: the same conventions as `positions_and_mask` above, kept across calls."""
         B = self.valid.shape[0]
         new = torch.ones(B, T, dtype=torch.bool, device=self.valid.device) if attention_mask is None \
             else attention_mask.bool()
@@ -294,7 +295,7 @@ class KVCache:
         self.v[layer, :, :, start:start + T] = v
         return self.k[layer, :, :, :start + T], self.v[layer, :, :, :start + T]
 
-    def repeat(self, n: int, used: int):
+    def repeat(self, n: int):
         """Each row becomes n consecutive rows (K samples share one prefilled prompt)."""
         self.k = self.k.repeat_interleave(n, dim=1)
         self.v = self.v.repeat_interleave(n, dim=1)
@@ -369,7 +370,7 @@ def generate(model, tokenizer, prompts, max_new_tokens=120, temperature=0.0, top
         h = model(ids, att, return_hidden=True, cache=cache, start=0)[:, -1]  # [P, H]
         logits = F.linear(h, model.lm_head_weight)  # only the last position's logits are needed
         if num_samples > 1:
-            cache.repeat(num_samples, L)
+            cache.repeat(num_samples)
             logits = logits.repeat_interleave(num_samples, dim=0)
         B = P * num_samples
         new = torch.full((B, max_new_tokens), tokenizer.pad_id, dtype=torch.long, device=device)

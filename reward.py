@@ -105,17 +105,6 @@ def load_reward_model(ckpt, device=None) -> model_lib.Llama:
     return rm
 
 
-def right_pad(seqs, pad_id, device="cpu"):
-    """Lists of ids -> ids [B, T], attention mask [B, T], padding on the right."""
-    T = max(map(len, seqs))
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros(len(seqs), T, dtype=torch.long, device=device)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s, device=device)
-        mask[i, :len(s)] = 1
-    return ids, mask
-
-
 @torch.inference_mode()
 def score_texts(rm, tok, prompts, answers, batch_size=16, max_len=1024, template=None) -> list[float]:
     """Reward of each (prompt, answer): the score head at the last token of
@@ -136,7 +125,7 @@ def score_texts(rm, tok, prompts, answers, batch_size=16, max_len=1024, template
     scores = [0.0] * len(seqs)
     for s in range(0, len(order), batch_size):
         rows = order[s:s + batch_size]
-        ids, mask = right_pad([seqs[i] for i in rows], pad_id, device)
+        ids, mask = data.right_pad([seqs[i] for i in rows], pad_id, device)
         for i, r in zip(rows, rm.reward(ids, mask).float().tolist()):
             scores[i] = r
     rm.train(was_training)

@@ -98,15 +98,9 @@ def main(argv=None):
         bar.set_postfix(loss=f"{loss_value:.4f}")
         if args.log_every and (step + 1) % args.log_every == 0:
             run.print(f"step {step + 1}/{len(steps)} loss {loss_value:.4f} lr {lr:.2e} gnorm {float(grad_norm):.3f}")
-        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < len(steps):
-            common.save_state(run, model, opt, sched, step + 1)
-            common.plot_curves(run)
+        common.maybe_save_state(run, model, opt, sched, step + 1, len(steps), args)
     bar.close()
-    common.save_final(run, model, model.ckpt_dir, args)
-    common.plot_curves(run)
-    run.print(f"saved {run.out}")
-    run.close()
-    return str(run.out)
+    return common.finish(run, model, args)
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ def test_reward_model_matches_transformers(tmp_path):
     assert len(set(round(x, 4) for x in mine)) == 3  # a real head: the scores differ
     # Batched, padded with the config's pad_token_id as score_texts pads.
     seqs = [data.encode_prompt(tok, p) + data.encode_response(tok, a) for p, a in zip(prompts, answers)]
-    ids, mask = reward.right_pad(seqs, reward.reward_pad_id(tok))
+    ids, mask = data.right_pad(seqs, reward.reward_pad_id(tok))
     with torch.no_grad():
         batched = hf(input_ids=ids, attention_mask=mask).logits[:, 0].tolist()
     assert max(abs(x - y) for x, y in zip(batched, ref)) < 1e-4
