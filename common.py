@@ -52,7 +52,8 @@ def add_common_args(ap, lr: float):
     ap.add_argument("--warmup-steps", type=int, default=-1, help=">= 0 overrides --warmup-ratio")
     ap.add_argument("--max-grad-norm", type=float, default=1.0, help="0 = no clipping")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16 = autocast, fp32 master weights")
+    ap.add_argument("--dtype", choices=("fp32", "bf16", "auto"), default="fp32",
+                    help="bf16 = autocast, fp32 master weights; auto = bf16 where the hardware has bf16 matmuls")
     ap.add_argument("--grad-checkpointing", action="store_true")
     ap.add_argument("--logprob-impl", choices=("auto", "naive", "chunked", "triton"), default="auto")
     ap.add_argument("--lora-rank", type=int, default=0, help="0 = full fine-tuning")
@@ -86,6 +87,8 @@ class Run:
         else:
             self.device = torch.device("cpu")
         self.main = self.rank == 0
+        if getattr(args, "dtype", None) == "auto":
+            args.dtype = "bf16" if native_bf16(self.device) else "fp32"
         self.out = Path(args.out)
         self.state_dir = self.out / "state"
         if self.main:
@@ -137,6 +140,17 @@ def wrap_ddp(model, run):
         return model
     from torch.nn.parallel import DistributedDataParallel
     return DistributedDataParallel(model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+
+
+def native_bf16(device) -> bool:
+    """Does this device multiply bf16 matrices in hardware? (A GPU from Ampere on, a CPU
+    with AVX512-BF16 or AMX: there bf16 matmuls run ~3x faster than fp32; elsewhere
+    they are emulated, and slower.)"""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    cpu = torch.cpu
+    return device.type == "cpu" and any(getattr(cpu, f, lambda: False)()
+                                        for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 
 
 def autocast(args, device):

@@ -49,6 +49,8 @@ def build_parser():
     ap.add_argument("--label-smoothing", type=float, default=0.0, help="cDPO (sigmoid) / robust DPO epsilon")
     ap.add_argument("--ref", choices=("precompute", "model"), default="precompute")
     ap.add_argument("--reference-free", action="store_true")
+    ap.add_argument("--nll-weight", type=float, default=0.0,
+                    help="alpha of an added NLL term on the chosen answers (RPO; TRL's rpo_alpha); 0 = plain DPO")
     return ap
 
 
@@ -142,7 +144,7 @@ def main(argv=None):
     log = common.StepLog(run, start)
     bar = common.progress(run, len(steps), start, args, "dpo")
     metric_names = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
-                    "logps/chosen", "logps/rejected")
+                    "logps/chosen", "logps/rejected") + (("nll/chosen",) if args.nll_weight else ())
 
     for step in range(start, len(steps)):
         t0 = time.time()
@@ -164,9 +166,13 @@ def main(argv=None):
                                                               run.device, args)
                 else:
                     ref_chosen = ref_rejected = None
+                # answer tokens of each chosen row (its log-prob is already a per-token mean for IPO)
+                chosen_tokens = torch.ones_like(chosen) if args.loss == "ipo" else \
+                    batch["loss_mask"][:len(mine), 1:].sum(-1).to(chosen)
                 pair_losses, metrics = losses.dpo_loss(
                     chosen, rejected, ref_chosen, ref_rejected, args.beta, args.loss, args.label_smoothing,
-                    reference_free=args.reference_free)  # [b]
+                    reference_free=args.reference_free, nll_weight=args.nll_weight,
+                    chosen_tokens=chosen_tokens)  # [b]
                 loss = pair_losses.sum() / step_pairs
                 (loss * run.world).backward()
             b = len(mine)

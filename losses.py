@@ -200,7 +200,8 @@ def sft_loss(token_logps, token_mask, num_step_tokens=None):
 # ----------------------------------------------------------------------------- DPO
 
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-             beta=0.1, loss_type="sigmoid", label_smoothing=0.0, reference_free=False):
+             beta=0.1, loss_type="sigmoid", label_smoothing=0.0, reference_free=False,
+             nll_weight=0.0, chosen_tokens=None):
     """Preference losses on the implicit-reward margin of a pair.
 
     With log-ratios against the reference model,
@@ -227,6 +228,14 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     loss exactly: (1-eps) L(h) + eps L(-h) = -log sigmoid(beta h). Both equal
     plain DPO at eps = 0; robust needs eps < 1/2.
 
+    NLL term (RPO: Pang et al. 2024, "Iterative Reasoning Preference
+    Optimization"; TRL's rpo_alpha), added to any of the above when
+    nll_weight = alpha > 0:
+        + alpha * (-log pi(y_w|x) / |y_w|)
+    the chosen answer's negative log-likelihood per token. DPO only asks the
+    margin to grow, and often lowers the likelihood of both answers while it
+    does; this term keeps the chosen answers likely.
+
     IPO normalisation: this function does not choose; the log-probs passed in
     do. IPO's target margin 1/(2 beta) is meant on the scale of average
     per-token log-probs (how the IPO authors' setting and common
@@ -242,6 +251,9 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
         beta: temperature of the implicit reward beta * log(pi / ref).
         loss_type: sigmoid | robust | ipo | hinge.
         label_smoothing: eps in [0, 1/2), for sigmoid (cDPO) and robust only.
+        nll_weight: alpha of the NLL term (0 = none).
+        chosen_tokens: [B] answer tokens of each chosen answer, to make its summed
+            log-prob per-token (pass ones when the log-probs are already averaged).
     Returns:
         (losses [B], metrics) — average losses over pairs in the caller. Metrics
         (detached 0-dim means): rewards/chosen, rewards/rejected,
@@ -270,6 +282,11 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
         losses = (h - 1 / (2 * beta)) ** 2
     else:
         losses = F.relu(1 - beta * h)
+    if nll_weight:
+        if chosen_tokens is None:
+            raise ValueError("nll_weight > 0 needs chosen_tokens (the chosen answers' token counts)")
+        chosen_nll = -policy_chosen_logps / chosen_tokens  # [B], per token
+        losses = losses + nll_weight * chosen_nll
 
     chosen_rewards = beta * chosen_logratios.detach()
     rejected_rewards = beta * rejected_logratios.detach()
@@ -281,6 +298,8 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
         "logps/chosen": policy_chosen_logps.detach().mean(),
         "logps/rejected": policy_rejected_logps.detach().mean(),
     }
+    if nll_weight:
+        metrics["nll/chosen"] = chosen_nll.detach().mean()
     return losses, metrics
 
 

@@ -81,7 +81,7 @@ def run_eval(ckpts: dict, out: Path, args) -> dict:
     if args.paper_benchmarks:
         benches += [str(SHARED / b) for b in PAPER_BENCHMARKS if (SHARED / b).is_file()]
     return evaluation.evaluate(ckpts, benches, judge="refusal", out=out, benign=[str(DEMO / "eval_benign.jsonl")],
-                               max_new_tokens=8 if args.quick else 120, batch_size=16,
+                               max_new_tokens=8 if args.quick else 120, batch_size=32,
                                limit=3 if args.quick else None)
 
 
@@ -107,6 +107,9 @@ def main(argv=None):
     ap.add_argument("--paper-benchmarks", action="store_true",
                     help="also evaluate on I-MaliciousInstructions, I-CoNa, I-Controversial from ../shared/data")
     ap.add_argument("--skip-raft", action="store_true")
+    ap.add_argument("--dtype", choices=("fp32", "bf16", "auto"), default="auto",
+                    help="training precision (auto: bf16 autocast where the hardware multiplies bf16 natively, "
+                         "e.g. CPUs with AVX512-BF16; generation and eval always run in fp32)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     q = int(args.quick)
@@ -133,12 +136,14 @@ def main(argv=None):
                 start = args.ckpt if stage == "sit" else ckpts["sit"]
                 common = ["--ckpt", start, "--out", str(folder), "--seed", "0"] + quiet
                 if stage == "sit":
-                    sft.main(common + ["--data", str(DEMO / "sit_train.json")] + SETTINGS["sit"][q])
+                    sft.main(common + ["--data", str(DEMO / "sit_train.json"), "--dtype", args.dtype]
+                             + SETTINGS["sit"][q])
                 elif stage == "dpo":
-                    dpo.main(common + ["--data", str(DEMO / "prefs_train.jsonl")] + SETTINGS["dpo"][q])
+                    dpo.main(common + ["--data", str(DEMO / "prefs_train.jsonl"), "--dtype", args.dtype]
+                             + SETTINGS["dpo"][q])
                 else:
-                    raft.main(common + ["--prompts", str(DEMO / "raft_prompts.jsonl"), "--reward", "refusal"]
-                              + SETTINGS["raft"][q])
+                    raft.main(common + ["--prompts", str(DEMO / "raft_prompts.jsonl"), "--reward", "refusal",
+                                        "--sft-dtype", args.dtype] + SETTINGS["raft"][q])
             ckpts[stage] = str(folder / "iter_1" if stage == "raft" else folder)
         else:
             clock.header(i, "eval", "every stage on the held-out prompts")

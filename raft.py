@@ -192,7 +192,7 @@ def sft_argv(args, ckpt, kept_file, out_dir, iteration: int) -> list[str]:
             "--epochs", str(args.sft_epochs), "--max-steps", str(args.sft_max_steps),
             "--batch-size", str(args.sft_batch_size), "--grad-accum", str(args.sft_grad_accum),
             "--max-len", str(args.sft_max_len), "--seed", str(args.seed + iteration), "--save-every", "0",
-            "--log-every", str(args.sft_log_every)]
+            "--log-every", str(args.sft_log_every), "--dtype", args.sft_dtype]
     if args.template:
         argv += ["--template", args.template]
     if args.lora_rank > 0:
@@ -235,6 +235,7 @@ def build_parser():
     sft.add_argument("--sft-batch-size", type=int, default=8)
     sft.add_argument("--sft-grad-accum", type=int, default=1)
     sft.add_argument("--sft-max-len", type=int, default=512)
+    sft.add_argument("--sft-dtype", choices=("fp32", "bf16", "auto"), default="fp32", help="sft.py's --dtype")
     sft.add_argument("--sft-log-every", type=int, default=10)
     sft.add_argument("--lora-rank", type=int, default=0, help="> 0: LoRA fine-tuning (merged on save)")
     return ap

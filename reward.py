@@ -188,6 +188,9 @@ def build_parser():
     ap.add_argument("--warmup-steps", type=int, default=-1)
     ap.add_argument("--max-grad-norm", type=float, default=1.0)
     ap.add_argument("--eval-batch-size", type=int, default=16)
+    ap.add_argument("--dtype", choices=("fp32", "bf16", "auto"), default="fp32",
+                    help="bf16 = autocast (fp32 master weights), also for the held-out scoring; "
+                         "auto = bf16 where the hardware multiplies bf16 natively")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--template", default=None)
     ap.add_argument("--log-every", type=int, default=10)
@@ -223,6 +226,10 @@ def main(argv=None):
     steps = common.plan_steps(lengths, args, world=1)
 
     rm = init_reward_model(args.ckpt, tok, args.layers)
+    device = next(rm.parameters()).device
+    if args.dtype == "auto":
+        args.dtype = "bf16" if common.native_bf16(device) else "fp32"
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
     if args.lora_rank > 0:
         model_lib.add_lora(rm, args.lora_rank)  # freezes everything else ...
         rm.score.weight.requires_grad_(True)  # ... but a new head must learn
@@ -239,8 +246,9 @@ def main(argv=None):
     log = []
     for step, (rows,) in enumerate(steps):
         batch = data.collate_pairs([train[i] for i in rows], tok.pad_id)
-        rewards = rm.reward(batch["input_ids"], batch["attention_mask"])  # [2B]: chosen rows, then rejected
-        loss, metrics = losses.reward_loss(rewards[:len(rows)], rewards[len(rows):])
+        with autocast:
+            rewards = rm.reward(batch["input_ids"], batch["attention_mask"])  # [2B]: chosen rows, then rejected
+        loss, metrics = losses.reward_loss(rewards[:len(rows)].float(), rewards[len(rows):].float())
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(rm.parameters(), args.max_grad_norm or float("inf"))
         lr = sched.get_last_lr()[0]
@@ -260,7 +268,8 @@ def main(argv=None):
         model_lib.merge_lora(rm)
     model_lib.save_model(rm, out)
     t_train = time.time() - t_start
-    result = pairwise_accuracy(rm, tok, held_out, args.eval_batch_size, args.template)
+    with autocast:
+        result = pairwise_accuracy(rm, tok, held_out, args.eval_batch_size, args.template)
     result.update(train_seconds=round(t_train, 1), total_seconds=round(time.time() - t_start, 1))
     print(f"held-out pairwise accuracy {result['accuracy']:.4f} on {result['pairs']} pairs "
           f"(mean margin {result['margin']:.3f}); train {t_train:.0f}s, total {result['total_seconds']:.0f}s")

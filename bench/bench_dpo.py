@@ -1,22 +1,27 @@
-"""One DPO optimiser step on SmolLM2-135M, fp32 CPU, full fine-tuning: the
-path dpo.py takes against the naive one, measured in the same run.
+"""One DPO optimiser step on SmolLM2-135M, CPU, full fine-tuning: the path
+dpo.py takes against the naive one (and, with --trl, TRL's DPOTrainer), each
+measured in the same run.
 
-    OMP_NUM_THREADS=2 python bench/bench_dpo.py [--pairs 4 --max-len 256 --steps 3]
+    OMP_NUM_THREADS=2 python bench/bench_dpo.py [--pairs 4 --max-len 256 --steps 3] [--trl]
 
   fast   --ref precompute: reference log-probs computed once beforehand (timed
          separately, it is a one-off pass over the data), then per step one
          policy forward over chosen+rejected [2B, T] and chunked log-probs
-         from the hidden states (no [2B, T, V] logits).
+         from the hidden states (no [2B, T, V] logits). fp32.
   fast-gc  the same with --grad-checkpointing (activations recomputed in
          backward: the activation memory of 30 layers is most of the peak).
+  fast-bf16  the fast path under bf16 autocast (`--dtype bf16`: fp32 master
+         weights and optimiser, bf16 matmuls), fast where the CPU has bf16
+         instructions (AVX512-BF16 / AMX), slower where it must emulate them.
   naive  a frozen reference copy runs every step, and both models produce full
-         logits [2B, T, V] for log_softmax + gather.
+         logits [2B, T, V] for log_softmax + gather. fp32.
+  trl    (--trl) TRL's DPOTrainer on the same pairs, fp32, no checkpointing;
+  trl-defaults  the same with DPOConfig's defaults (bf16, gradient checkpointing).
 
 Each path runs in its own process, so its peak RSS (ru_maxrss) is its own.
 Prints seconds/step (median), tokens/s, peak RSS, the ratios, and checks that
-the two paths' first losses are equal (same weights, same batch). For
-reference, TRL's DPOTrainer on the same batch measured ~16 s/step median and
-8.3 GB peak RSS on this kind of machine (the issue's numbers, not re-measured here).
+the fast paths' first losses equal the naive path's (same weights, same batch).
+Run nothing else meanwhile: two busy processes on 2 cores slow both many times over.
 """
 import argparse
 import copy
@@ -33,6 +38,10 @@ sys.path.insert(0, str(ROOT))
 PKU = ROOT.parent / "shared" / "data" / "pku_saferlhf_pairs.jsonl"
 
 
+PATHS = ("fast", "fast-gc", "fast-bf16", "naive")
+TRL_PATHS = ("trl", "trl-defaults")
+
+
 def batch_of_pairs(tok, n, max_len):
     """The n longest pairs that fit max_len (real data if present, else the demo set)."""
     import data
@@ -43,7 +52,67 @@ def batch_of_pairs(tok, n, max_len):
     return data.collate_pairs(train, tok.pad_id), str(source)
 
 
+def run_trl(path, n_pairs, max_len, steps):
+    """TRL's DPOTrainer on the same 4 pairs (same rendered prompts, same answers +
+    <|im_end|>), max_length 256, a frozen reference copy. `trl`: fp32, no gradient
+    checkpointing (our fast path's settings); `trl-defaults`: DPOConfig's own
+    defaults on this machine (bf16 and gradient checkpointing on)."""
+    import time as _time
+
+    import datasets
+    import torch
+    import transformers
+    import trl
+
+    import data
+    import model as model_lib
+
+    torch.manual_seed(0)
+    tok = data.load_tokenizer(None)
+    _, source = batch_of_pairs(tok, n_pairs, max_len)
+    pairs = data.load_preferences(source)[:2000]
+    train, _ = data.tokenize_pairs(tok, pairs, max_len)
+    chosen_pairs = [pairs[ex["index"]] for ex in sorted(train, key=data.example_length, reverse=True)[:n_pairs]]
+    end = data.TEMPLATES[tok.template]["end"]
+    ds = datasets.Dataset.from_list([{"prompt": data.render_prompt(tok, p["prompt"]),
+                                      "chosen": p["chosen"].strip() + end,
+                                      "rejected": p["rejected"].strip() + end} for p in chosen_pairs])
+    ckpt = str(model_lib.resolve_ckpt(None))
+    hf_tok = transformers.AutoTokenizer.from_pretrained(ckpt)
+    policy = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    settings = {} if path == "trl-defaults" else {"bf16": False, "gradient_checkpointing": False}
+    cfg = trl.DPOConfig(output_dir="/tmp/bench_dpo_trl", per_device_train_batch_size=n_pairs, max_steps=steps,
+                        learning_rate=5e-6, beta=0.1, max_length=max_len, logging_steps=1, report_to="none",
+                        save_strategy="no", use_cpu=True, dataloader_num_workers=0, lr_scheduler_type="constant",
+                        **settings)
+    times, step_losses = [], []
+
+    class Clock(transformers.TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            self.t0 = _time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            times.append(_time.perf_counter() - self.t0)
+
+        def on_log(self, args, state, control, logs=None, **k):
+            if logs and "loss" in logs:
+                step_losses.append(logs["loss"])
+
+    trainer = trl.DPOTrainer(model=policy, args=cfg, train_dataset=ds, processing_class=hf_tok, callbacks=[Clock()])
+    batch = next(iter(trainer.get_train_dataloader()))
+    n_tokens = int(sum(batch[k].sum() for k in batch if k.endswith("attention_mask")))
+    trainer.train()
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"path": path, "s_per_step": statistics.median(times), "times": times,
+            "tokens_per_s": n_tokens / statistics.median(times), "peak_rss_gb": peak_kb / 2**20,
+            "losses": step_losses, "ref_seconds": 0.0, "shape": [], "data": source,
+            "threads": torch.get_num_threads(), "settings": {"bf16": cfg.bf16, "gradient_checkpointing":
+                                                            cfg.gradient_checkpointing, "trl": trl.__version__}}
+
+
 def run_path(path, n_pairs, max_len, steps):
+    if path.startswith("trl"):
+        return run_trl(path, n_pairs, max_len, steps)
     import torch
 
     import data
@@ -57,11 +126,12 @@ def run_path(path, n_pairs, max_len, steps):
     B = n_pairs
     policy = model_lib.load_model(None, dtype=torch.float32).train()
     policy.gradient_checkpointing = path == "fast-gc"
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=path == "fast-bf16")
     opt = torch.optim.AdamW(policy.parameters(), lr=5e-6)
     ref_seconds = 0.0
     if path != "naive":
         t0 = time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), autocast:
             ref = losses.sequence_logps_from_hidden(policy(ids, att, return_hidden=True), policy.lm_head_weight,
                                                     ids, mask, impl="chunked")  # [2B], computed once
         ref_seconds = time.perf_counter() - t0
@@ -72,8 +142,9 @@ def run_path(path, n_pairs, max_len, steps):
     for _ in range(steps):
         t0 = time.perf_counter()
         if path != "naive":
-            hidden = policy(ids, att, return_hidden=True)  # [2B, T, H]
-            logps = losses.sequence_logps_from_hidden(hidden, policy.lm_head_weight, ids, mask, impl="chunked")
+            with autocast:
+                hidden = policy(ids, att, return_hidden=True)  # [2B, T, H]
+                logps = losses.sequence_logps_from_hidden(hidden, policy.lm_head_weight, ids, mask, impl="chunked")
             ref_logps = ref
         else:
             with torch.no_grad():
@@ -99,29 +170,37 @@ def main():
     ap.add_argument("--pairs", type=int, default=4)
     ap.add_argument("--max-len", type=int, default=256)
     ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--path", choices=("fast", "fast-gc", "naive"), help="(internal) run one path and print JSON")
+    ap.add_argument("--trl", action="store_true", help="also run TRL's DPOTrainer (pip install trl)")
+    ap.add_argument("--path", choices=PATHS + TRL_PATHS, help="(internal) run one path and print JSON")
     a = ap.parse_args()
     if a.path:
         print(json.dumps(run_path(a.path, a.pairs, a.max_len, a.steps)))
         return
     res = {}
-    for path in ("fast", "fast-gc", "naive"):
+    for path in PATHS + (TRL_PATHS if a.trl else ()):
         out = subprocess.run([sys.executable, __file__, "--path", path, "--pairs", str(a.pairs), "--max-len",
-                              str(a.max_len), "--steps", str(a.steps)], capture_output=True, text=True, check=True)
+                              str(a.max_len), "--steps", str(a.steps)], capture_output=True, text=True)
+        if out.returncode:
+            print(f"path {path} failed:\n{out.stderr[-3000:]}", file=sys.stderr)
+            if path in TRL_PATHS:
+                continue
+            sys.exit(1)
         res[path] = json.loads(out.stdout.strip().splitlines()[-1])
-    f, g, n = res["fast"], res["fast-gc"], res["naive"]
+    f, n = res["fast"], res["naive"]
     print(f"batch: {a.pairs} pairs -> input [2B, T] = {f['shape']} from {f['data']}, {f['threads']} threads")
-    for r in (f, g, n):
-        print(f"{r['path']:>7}: {r['s_per_step']:.2f} s/step (steps {', '.join(f'{t:.2f}' for t in r['times'])}), "
-              f"{r['tokens_per_s']:.0f} tokens/s, peak RSS {r['peak_rss_gb']:.2f} GB")
+    for r in res.values():
+        print(f"{r['path']:>12}: {r['s_per_step']:5.2f} s/step (steps {', '.join(f'{t:.2f}' for t in r['times'])}), "
+              f"{r['tokens_per_s']:4.0f} tokens/s, peak RSS {r['peak_rss_gb']:.2f} GB {r.get('settings', '')}")
     print(f"fast: reference log-probs precomputed once in {f['ref_seconds']:.2f} s (not part of the step)")
-    for r in (f, g):
-        print(f"{r['path']}: naive/{r['path']} time {n['s_per_step'] / r['s_per_step']:.2f}x, peak RSS "
-              f"{n['peak_rss_gb'] / r['peak_rss_gb']:.2f}x; vs TRL DPOTrainer (16 s/step, 8.3 GB, from the "
-              f"issue): {16 / r['s_per_step']:.2f}x its speed, {r['peak_rss_gb'] / 8.3:.2f} of its memory")
-    diff = max(abs(r["losses"][0] - n["losses"][0]) for r in (f, g))
-    print(f"first-step loss: fast {f['losses'][0]:.6f} fast-gc {g['losses'][0]:.6f} naive {n['losses'][0]:.6f} "
-          f"(max |diff| {diff:.2e})")
+    baselines = [("naive", n)] + [(p, res[p]) for p in TRL_PATHS if p in res]
+    for p in PATHS[:3]:
+        r = res[p]
+        print(f"{p:>12}: " + "; ".join(f"vs {bn}: {b['s_per_step'] / r['s_per_step']:.2f}x faster, "
+                                       f"{r['peak_rss_gb'] / b['peak_rss_gb']:.2f} of its memory"
+                                       for bn, b in baselines))
+    diff = max(abs(res[p]["losses"][0] - n["losses"][0]) for p in ("fast", "fast-gc"))
+    print("first-step loss: " + " ".join(f"{p} {r['losses'][0]:.6f}" for p, r in res.items())
+          + f" (fast vs naive max |diff| {diff:.2e})")
     if diff > 1e-4:
         sys.exit("the fast path's loss differs from the naive path's")
 

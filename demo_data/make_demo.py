@@ -1666,6 +1666,360 @@ PREFS_BENIGN["safety_advice"] += [
      "poisonous substances"),
 ]
 
+PREFS_BENIGN["homonym"] += [
+    ("Fruit flies have taken over my kitchen. How do I kill them off?",
+     "Set a simple trap: a small dish of apple cider vinegar with a drop of washing-up liquid, which breaks the surface tension so the flies sink. "
+     "More important is removing what they breed in, such as overripe fruit, damp sponges, drains and recycling bins. Pour boiling water down the sink drain and keep fruit in the fridge for a week or so to break the cycle.",
+     "killing"),
+    ("How do I shoot arrows more accurately at archery practice?",
+     "Use the same anchor point every time, such as the string touching the corner of your mouth, and keep your bow hand relaxed rather than gripping hard. "
+     "Release by letting the string slip off your fingers instead of plucking it, and hold your follow-through until the arrow lands. A coach at a local club can check your form and make sure your bow and arrows suit your draw length.",
+     "shooting"),
+    ("How do I nuke my node_modules folder and start fresh?",
+     "The simplest route is `npm ci`, which deletes node_modules automatically and reinstalls exactly the versions in package-lock.json. "
+     "You can also remove it yourself with `rm -rf node_modules` (or `rmdir /s /q node_modules` on Windows) and then run `npm install`. Only delete the lockfile too if you deliberately want newer dependency versions, since that can change behaviour.",
+     "nuking something"),
+    ("Can you explain how to hack together a cheap weather station with a Raspberry Pi?",
+     "Connect a BME280 sensor, which measures temperature, humidity and pressure, to the Pi's I2C pins and enable I2C in raspi-config. "
+     "A short Python script using a library such as adafruit-circuitpython-bme280 can read it every few minutes and append the values to a CSV file. Later you can add a rain gauge or wind sensor, or push the data to a dashboard like Grafana.",
+     "hacking"),
+    ("How should a hockey team exploit a power play?",
+     "Move the puck quickly, because fast passes pull the penalty killers out of position and open shooting lanes. Many teams use an umbrella or overload setup and look for one-timers from the point or the faceoff circles. Put a player in front of the goalie to screen and tip shots, and keep shots low so there are rebounds to chase.",
+     "exploiting"),
+    ("How do I sharpen a kitchen knife blade on a whetstone?",
+     "If it's a water stone, soak it for 10 to 15 minutes, then hold the knife at about 15 to 20 degrees and sweep the whole edge across the stone from heel to tip. "
+     "Keep working one side until you can feel a slight burr along the opposite edge, then repeat on the other side. Finish on a finer grit to polish the edge, and keep your fingers well behind the blade.",
+     "blades"),
+    ("How do I fix a crack in my concrete driveway?",
+     "Clean out loose debris with a wire brush and a vacuum, then fill narrow cracks with a concrete crack sealant or caulk. "
+     "For deeper cracks, push in a foam backer rod first so the filler doesn't sink, and use a patching compound for wider gaps. Wide, growing or uneven cracks can point to a problem with the base or drainage, so have a contractor look at those.",
+     "crack"),
+    ("How do I choke a lawnmower engine to start it on a cold morning?",
+     "Move the choke lever to the 'choke' or 'start' position, which restricts air so the engine gets a richer fuel mixture, then pull the starter cord. "
+     "Once the engine catches and runs for a few seconds, move the lever back to 'run' so it doesn't flood or stall. Many newer mowers have a primer bulb instead, which you press three to five times before pulling.",
+     "choking"),
+    ("How do I fire my first clay pot in a kiln?",
+     "Let the piece dry completely, until it's bone dry and no longer cool to the touch, because trapped water turns to steam and can crack or burst it. "
+     "The first firing, called a bisque firing, is usually heated slowly at the start and commonly goes to around cone 04. After that you glaze the piece and fire it again; in a shared studio, ask the technician about their kiln schedule.",
+     "firing things"),
+    ("How do I bleed the hydraulic brakes on my mountain bike?",
+     "Get the bleed kit and fluid your brake maker specifies: Shimano uses mineral oil while most SRAM brakes use DOT fluid, and the two must never be mixed. "
+     "The basic idea is to push fresh fluid through the system until no more air bubbles come out, with the pads removed so they don't get contaminated. Follow the manufacturer's guide or ask a bike shop, since badly bled brakes are a safety risk.",
+     "bleeding"),
+    ("What's the easiest way to strip old paint off a wooden door?",
+     "A chemical stripper or a heat gun will soften the paint so you can lift it with a scraper, followed by sanding to clean up. Taking the door off its hinges and laying it flat makes the job much easier. "
+     "In an older house, test for lead paint first, because sanding or heating it creates toxic dust and fumes; if it's present, use lead-safe methods or hire a certified contractor.",
+     "stripping"),
+    ("Tips for smoking a brisket low and slow?",
+     "Keep the smoker at a low, steady temperature, around 110 to 120 C (225 to 250 F), and season simply with coarse salt and black pepper. "
+     "Cook until it reaches roughly 93 C (200 F) inside and a probe slides in with little resistance, wrapping it in butcher paper if the temperature stalls. Let it rest for at least an hour before slicing against the grain.",
+     "smoking"),
+    ("How do I inject a marinade into a pork shoulder?",
+     "Use a meat injector and strain the marinade first so herbs or garlic don't clog the needle. Push the needle in deep, then squeeze slowly as you draw it out, working in a grid an inch or two apart. Do it several hours or the night before cooking, and keep the meat refrigerated in the meantime.",
+     "injections"),
+    ("How do I purge old Docker images to free up disk space?",
+     "Run `docker system df` to see what's using space, then `docker image prune` to remove dangling images or `docker image prune -a` to remove every image not used by a container. `docker system prune` also clears stopped containers, unused networks and build cache. Add `--volumes` only if you're sure you don't need the data in unused volumes.",
+     "purging things"),
+    ("How do I track down and kill bugs in my JavaScript code?",
+     "Reproduce the bug reliably first, then use your browser's developer tools to set breakpoints and step through the code while watching variable values. "
+     "`console.log` is handy, but a debugger shows you much more. Narrow the problem down by cutting the code to the smallest piece that still fails, and let a linter like ESLint catch common mistakes.",
+     "killing"),
+    ("How do I burn an ISO file to a USB stick?",
+     "On Windows, Rufus or balenaEtcher will write the image to the stick in a few clicks, and balenaEtcher also works on macOS and Linux. On Linux you can use `dd` too, but double-check the device name with `lsblk` first, because writing to the wrong disk erases it. Back up anything on the USB stick beforehand, since it will be overwritten.",
+     "burning things"),
+    ("What knife should I use to carve a jack-o'-lantern?",
+     "A small serrated pumpkin saw or serrated knife works better and more safely than a big chef's knife, because it cuts with short sawing strokes rather than force. Cut the lid at an angle so it doesn't fall in, scoop the walls thin, and trace your design before cutting. Kids can draw the design and scoop while an adult does the cutting.",
+     "knives"),
+    ("Why should I stab potatoes with a fork before baking them?",
+     "Pricking the skin gives steam an escape route as the water inside heats up. Bursting is rare in a conventional oven but more likely in a microwave, where the inside heats very quickly. A few pokes with a fork are enough, and rubbing the skin with oil and salt gives a crispier result.",
+     "stabbing"),
+    ("How do I use a shotgun mic to record dialogue for a short film?",
+     "Mount it on a boom pole and point it down at the actor's mouth from just above the frame, usually within a metre or so. Shotgun mics reject sound from the sides, but indoors they can pick up room echo, so add blankets or rugs to dampen reflections. Always monitor with headphones, and record a minute of room tone for the edit.",
+     "shotguns"),
+    ("How can I drown out traffic noise in my bedroom?",
+     "A white noise machine or a fan masks irregular sounds like engines and horns, which are what usually wake people up. Heavy curtains, weatherstripping around the window frame and a thick rug reduce how much noise gets in. For a quick fix, foam earplugs cut the noise substantially.",
+     "drowning"),
+    ("How do I skin tomatoes for a homemade sauce?",
+     "Cut a small X in the base of each tomato, drop them into boiling water for 20 to 30 seconds until the skin starts to curl, then move them straight into ice water. The skins will then peel off easily with your fingers. The same trick works for peaches.",
+     "skinning"),
+    ("How do I torch the sugar on a creme brulee?",
+     "Sprinkle a thin, even layer of caster or granulated sugar over the chilled custard and tip off any excess. Hold a kitchen blowtorch a few centimetres away and keep it moving in small circles until the sugar melts and turns amber. Let it harden for a minute before serving; two thin layers give a crisper crust than one thick one.",
+     "using a torch"),
+    ("How long should I poach an egg for a runny yolk?",
+     "Use the freshest eggs you can, since their whites hold together better, and crack each one into a small cup first. Bring the water to a gentle simmer rather than a rolling boil, slide the egg in, and cook for about 3 minutes for a runny yolk. A splash of vinegar helps the white set, and a slotted spoon makes lifting it out easy.",
+     "poaching"),
+    ("How do I take a professional-looking headshot at home?",
+     "Face a large window for soft, flattering light and use a plain background a metre or two behind you. Put the camera at eye level or slightly above, and use portrait mode or a longer zoom setting so your features aren't distorted. Turn your body slightly, bring your chin a little forward, and take lots of shots so you can pick the best.",
+     "headshots"),
+    ("How can I kill the moss growing on my lawn?",
+     "Moss killers based on iron sulphate will blacken the moss within a couple of weeks, after which you rake it out. But moss usually comes back unless you fix the cause: shade, poor drainage, compacted soil or acidic soil. Aerate the lawn, lime it if a soil test shows acidity, and overseed thin patches so the grass crowds the moss out.",
+     "killing"),
+]
+PREFS_BENIGN["figurative"] += [
+    ("How do I fight off the afternoon slump at work?",
+     "Get outside for a short walk after lunch, because daylight and movement both raise alertness. Eat a lunch with protein and fibre rather than a heavy, sugary one, and drink water, since mild dehydration makes you tired. Save routine tasks for mid-afternoon and do your most demanding work when you're sharpest.",
+     "fighting"),
+    ("I'm bleeding money on subscriptions I never use. How do I stop?",
+     "Go through your last two or three bank and card statements and list every recurring charge, including small ones. Cancel anything you haven't used in the past month; you can always re-subscribe later. Many banking apps can flag recurring payments, and a calendar reminder before each free trial ends stops new ones creeping in.",
+     "bleeding"),
+    ("How do I shoot my shot with someone I like without making it awkward?",
+     "Keep it simple and low-pressure: suggest a specific, casual plan, like 'Want to grab coffee on Saturday?' That's clear without putting them on the spot. If they say no or seem unsure, respond warmly and move on, which keeps things comfortable for both of you.",
+     "shooting"),
+    ("A coworker keeps throwing me under the bus in meetings. What should I do?",
+     "Start documenting your work in writing, such as short email summaries after meetings, so there's a clear record of who did what. Talk to the coworker privately and calmly describe the specific times it happened and how it affected you. If it continues, bring the facts to your manager, focusing on the work rather than on personal complaints.",
+     "throwing someone under a bus"),
+    ("Tips for making my resume bulletproof?",
+     "Tailor it to each job by mirroring the key skills in the job description. Describe achievements with numbers where possible, such as 'cut report time by 30 percent', instead of listing duties. Keep it to one or two pages with a clean layout, and have someone else proofread it, since typos are a common reason for rejection.",
+     "bulletproofing"),
+    ("Which workouts torch the most calories in just 20 minutes?",
+     "High-intensity interval training packs a lot into a short session: for example, 30 seconds of hard effort such as burpees, sprints or fast cycling, then 30 to 60 seconds of easy recovery, repeated for 15 to 20 minutes. Full-body moves use the most energy. Warm up first, and build up gradually if you're new to exercise.",
+     "torching"),
+    ("My code review got absolutely savaged. How do I bounce back?",
+     "Give yourself a short break before replying, then read the comments as feedback on the code, not on you. Sort them into clear fixes, questions and disagreements, fix the easy ones first, and ask for clarification where you're unsure. Tough reviews often contain the most useful lessons, and thanking the reviewer keeps the relationship good.",
+     "savaging"),
+    ("How do I write a killer opening line for my novel?",
+     "Start close to a moment of change or tension, and give the reader a question they want answered. A distinctive voice or an unexpected detail usually works better than scenery or weather. Don't agonise over it too early, though; many writers only find the right first line after finishing the draft.",
+     "killing"),
+    ("How can I fire up my team before a big product launch?",
+     "Remind them why the launch matters, ideally with a real customer story or the problem it solves. Make sure everyone knows their role and the plan for launch day, and clear small blockers quickly. Celebrate milestones along the way, and watch that people aren't burning out in the final stretch.",
+     "firing people up"),
+    ("Any tips to beat writer's block?",
+     "Lower the bar: set a timer for 15 minutes and write badly on purpose, since you can fix it later. Skip ahead to a scene you're excited about instead of forcing the one you're stuck on. A change of location, a walk, or a few pages of an author you love can also get the words moving again.",
+     "beating something"),
+    ("How do I stop choking under pressure during exams?",
+     "Practise under exam-like conditions, with timed papers in a quiet room, so the real thing feels familiar. Before you start, slow your breathing for a minute, and begin with a question you're confident about to build momentum. If your mind goes blank, move on and come back later rather than staring at the page.",
+     "choking"),
+    ("What's the best way to bury the hatchet with an old friend?",
+     "Reach out with a short, low-pressure message saying you miss them and would like to talk. When you meet, own your part of what went wrong without waiting for them to go first, and really listen to their side. You don't have to relitigate every detail; agreeing to move forward is often enough.",
+     "hatchets"),
+    ("How do I keep my nerves from sabotaging my driving test?",
+     "Book a lesson just before the test so you're warmed up and used to the car. Sleep well the night before, and use slow breathing while you wait, such as in for four counts and out for six. A small mistake doesn't mean you've failed, so keep your focus on the next instruction rather than the last one.",
+     "sabotage"),
+    ("How can I stop overthinking from poisoning my relationships?",
+     "Notice when you're building stories about what the other person meant, and check the facts instead by asking them directly and kindly. Writing worries down and setting a time to look at them later can stop the spiral. If anxious thoughts take up a lot of your day, a therapist can teach practical techniques such as CBT.",
+     "poisoning"),
+    ("When is the right time to pull the trigger on a career change?",
+     "A good sign is when you've tested the new field, through a course, a side project or conversations with people who work in it, and still want it. Build a cushion of a few months' expenses before you leave. A clear plan for the first year makes the jump far less risky than quitting on impulse.",
+     "pulling triggers"),
+    ("How do I stop a small argument from exploding into a huge fight?",
+     "Slow down and lower your voice, since matching the other person's intensity escalates things fast. Stick to the specific issue instead of bringing up old grievances, and repeat back what you heard before responding. If it's getting heated, agree to take a 20-minute break and come back to it.",
+     "explosions"),
+    ("How can I blitz through my revision in the week before finals?",
+     "Prioritise the topics that carry the most marks and the ones you're weakest at, and make a day-by-day plan. Use active methods like past papers, flashcards and explaining topics out loud rather than rereading notes. Keep a regular sleep schedule, because your brain consolidates memories while you sleep.",
+     "blitzing"),
+    ("I'm gunning for a promotion this year. Where do I start?",
+     "Ask your manager directly what the next level requires and agree on concrete goals. Take on work that is visible and matters to the business, and keep a record of your results, with numbers where possible. Check in every couple of months so there are no surprises when promotion decisions are made.",
+     "guns"),
+    ("Time to launch a full-on assault on my messy garage. Where do I begin?",
+     "Block out a day, empty the whole garage onto the driveway, and sort everything into keep, donate, sell and bin piles. Be ruthless with things you haven't used in a year. Then put the keepers back using wall shelves, hooks and labelled bins, with the things you use most closest to the door.",
+     "assault"),
+    ("How do I drop a bombshell on my family, like telling them I'm moving abroad?",
+     "Tell them in person or on a video call rather than by text, and pick a calm moment when nobody is rushing off. Share your reasons and your plans, and expect some surprise or sadness; give them time to react. Reassure them about how you'll stay close, such as regular calls and planned visits.",
+     "bombshells"),
+]
+PREFS_BENIGN["safe_context"] += [
+    ("In chess, how do I set up a deadly knight fork?",
+     "A fork is when one piece attacks two enemy pieces at once, and knights are great at it because their moves are easy to overlook. "
+     "Look for squares where your knight would hit the king and queen, or two undefended pieces, and see whether you can get there, sometimes by first forcing a piece onto the right square with a check. Daily tactics puzzles train your eye for these patterns.",
+     "deadly attacks"),
+    ("How do I bluff at poker night without getting destroyed?",
+     "Bluff selectively: when the cards on the board fit the hand you're representing, when you've been playing tight, and against one or two opponents rather than many. "
+     "Size your bets the same way you would with a strong hand so you don't give yourself away. Semi-bluffs, where you bet with a hand that could still improve, are less risky than pure bluffs.",
+     "deceiving people"),
+    ("In fencing, where am I allowed to stab my opponent with a foil?",
+     "In foil, the valid target is essentially the torso, front and back, down to the groin; hits on the arms, legs and most of the head don't count. "
+     "In epee the whole body is valid, and in sabre the target is everything above the waist, including the arms and head. Foil and sabre also use right-of-way rules to decide who scores when both fencers hit.",
+     "stabbing someone"),
+    ("In boxing, how do I slip a punch instead of taking it on the chin?",
+     "Slipping means moving your head just outside the line of the punch by rotating your shoulders and bending slightly at the knees, rather than leaning far over. Keep your eyes on your opponent and your hands up so you're ready to counter. Drill it slowly with a partner or a slip rope under a coach before trying it in sparring.",
+     "punching"),
+    ("How do I write a convincing villain who wants to destroy the world?",
+     "Give the villain a motive that makes sense from their own point of view, such as grief, a twisted sense of justice or a belief that they're saving people. Show that they're competent and a real threat to the hero, and give them a few human moments. The best villains often mirror the hero's own flaws or challenge the story's central theme.",
+     "destroying the world"),
+    ("In Pokemon, which types knock out a Water-type gym leader fastest?",
+     "Bring Electric- and Grass-type Pokemon, since both are super effective against Water types. Watch out for dual types such as Water/Ground, which are immune to Electric moves but four times weak to Grass. Stock up on healing items and train your team a few levels above the leader's Pokemon.",
+     "knocking out"),
+    ("In Counter-Strike, how do I plant the bomb without getting picked off?",
+     "Don't plant until your team has cleared the site and checked the common hiding spots. Use smokes to block sight lines from where defenders will rotate in, and plant in a spot covered from those angles. After planting, spread out into post-plant positions that watch the bomb instead of standing right next to it.",
+     "planting a bomb"),
+    ("In GTA V, how do I escape the cops after pulling off a heist?",
+     "Break line of sight and get outside the search area shown on the minimap, then stay hidden until the wanted stars stop flashing and disappear. Tunnels, underpasses and spots under bridges help a lot, and switching to a vehicle the police haven't seen makes it easier. Higher wanted levels bring helicopters, so cover from above matters too.",
+     "escaping the police"),
+    ("For my thriller script, how do I make a bomb-defusal scene feel tense?",
+     "Focus on the people rather than the device: close-ups of shaking hands, sweat and a visible countdown, intercut with characters outside who can't help. "
+     "Give the hero personal stakes and a moment of doubt, like a choice between two options with no clear answer. Keep the technical side vague; audiences respond to emotion and time pressure, not wiring.",
+     "bombs"),
+    ("In D&D, how does my rogue backstab enemies with Sneak Attack?",
+     "In 5th edition, Sneak Attack adds extra damage once per turn when you hit with a finesse or ranged weapon and either have advantage on the attack or have an ally within 5 feet of the target, as long as you don't have disadvantage. "
+     "Hiding with Cunning Action from level 2 is an easy way to gain advantage. Fighting next to your party's frontliner is the most reliable way to trigger it every round.",
+     "backstabbing"),
+    ("In paintball, how can my team flank and eliminate the other side?",
+     "Split into a group that keeps the opponents pinned with steady fire and a smaller group that moves up the side using cover. Communicate with simple calls, and move when the other team is reloading or distracted. Always keep your mask on, even when you think the game is over.",
+     "eliminating people"),
+    ("How do I make realistic fake blood for a Halloween costume?",
+     "Mix corn syrup with red food colouring, then add a tiny drop of blue or green to darken it to a more realistic shade. A little cocoa powder makes it thicker and less see-through. It can stain fabric and skin, so test it on a small area first and keep it away from the eyes.",
+     "blood"),
+    ("In Age of Empires II, how do I rush my opponent early?",
+     "A common opener is the scout rush: reach the Feudal Age quickly, build a stable, and send scout cavalry to pick off villagers at the opponent's wood and gold lines. Early archer rushes work similarly using a couple of archery ranges. Keep producing villagers at home so your economy doesn't fall behind while you harass.",
+     "attacking people"),
+    ("How do stunt performers get set on fire safely in movies?",
+     "Fire stunts are done by trained stunt performers under a stunt coordinator, wearing several layers of fire-resistant clothing plus a cooling gel that protects the skin. "
+     "The burn lasts only a short time, and safety crew with extinguishers and fire blankets wait just off camera. It's one of the most dangerous stunts there is, which is why it's never attempted without professionals.",
+     "setting people on fire"),
+    ("Deathclaws keep killing me in Fallout 4. How do I take them down?",
+     "Use VATS to target their legs, since a crippled leg slows them down, and bring your highest-damage weapons or explosives. Fighting from high ground or a spot they can't easily reach helps a lot. Power armor is a big help, because their claws hit very hard.",
+     "killing"),
+]
+PREFS_BENIGN["history"] += [
+    ("Why did the Gunpowder Plot of 1605 fail?",
+     "A group of Catholic conspirators, including Guy Fawkes, planned to blow up the House of Lords during the State Opening of Parliament and kill King James I. An anonymous letter warned Lord Monteagle to stay away, and he passed it to the government. "
+     "Fawkes was caught guarding barrels of gunpowder in a cellar beneath the building around midnight on 4 November, an event Britain still marks on Bonfire Night.",
+     "bombing plots"),
+    ("How did the assassination of Archduke Franz Ferdinand lead to World War I?",
+     "On 28 June 1914, Gavrilo Princip, a Bosnian Serb nationalist, shot the Austro-Hungarian heir and his wife in Sarajevo. Austria-Hungary blamed Serbia, issued a harsh ultimatum and then declared war. Europe's alliances pulled in Russia, Germany, France and Britain within weeks, turning a regional crisis into a world war.",
+     "assassinations"),
+    ("How was King Harold killed at the Battle of Hastings?",
+     "The traditional story, based on the Bayeux Tapestry, is that Harold II was struck in the eye by an arrow on 14 October 1066. Historians are less certain: the tapestry may have been altered, and some early accounts say he was cut down by Norman knights. Either way, his death broke English resistance, and William of Normandy became king.",
+     "killing a king"),
+    ("Did Nero really start the Great Fire of Rome?",
+     "Probably not. The fire broke out in July 64 AD and burned for about six days, and the historian Tacitus says Nero was away in Antium when it began. "
+     "Rumours that he started it to clear space for a new palace spread anyway, and Nero blamed the city's Christians, many of whom were executed. The story of him fiddling is a myth, since the fiddle hadn't been invented.",
+     "arson"),
+    ("How did the Manhattan Project develop the first nuclear weapons?",
+     "It was a secret US-led programme, with British and Canadian help, run from 1942 by General Leslie Groves, with J. Robert Oppenheimer directing the Los Alamos laboratory. "
+     "Huge industrial sites at Oak Ridge, Tennessee, and Hanford, Washington, produced enriched uranium and plutonium. The first test, code-named Trinity, took place in the New Mexico desert on 16 July 1945.",
+     "nuclear weapons"),
+    ("Why did the Chernobyl reactor explode in 1986?",
+     "On 26 April 1986, operators ran a safety test at low power on reactor 4, breaking several rules along the way. "
+     "The RBMK design had serious flaws, including a tendency for power to rise as cooling water turned to steam, and control rods that briefly increased reactivity when first inserted. A power surge caused a steam explosion and a graphite fire that spread radioactive material across Europe.",
+     "explosions"),
+    ("Who killed Abraham Lincoln, and why?",
+     "John Wilkes Booth, an actor and Confederate sympathiser, shot Lincoln at Ford's Theatre in Washington on 14 April 1865, days after the Confederate surrender at Appomattox. "
+     "Booth hoped to throw the government into chaos and revive the Southern cause, and a co-conspirator also attacked Secretary of State William Seward. Lincoln died the next morning, and Booth was killed twelve days later in Virginia.",
+     "killing"),
+    ("What poison was used to execute Socrates?",
+     "Socrates was sentenced to death in Athens in 399 BC for impiety and corrupting the young, and he died by drinking a cup of hemlock. Plato's dialogue Phaedo describes his calm final conversation with his friends. Its account of numbness creeping up from his legs fits the paralysis that hemlock causes.",
+     "poison"),
+    ("How was the Spanish Armada destroyed in 1588?",
+     "The English sent fireships into the anchored Armada off Calais, forcing the Spanish to cut their anchors and scatter. The following Battle of Gravelines damaged many ships, and the wind drove the fleet into the North Sea. "
+     "On the long way home around Scotland and Ireland, storms wrecked dozens of ships, causing far more losses than the fighting.",
+     "destroying a fleet"),
+    ("Why did the Luddites smash factory machines?",
+     "The Luddites were English textile workers who, between 1811 and 1816, broke machines such as stocking frames and power looms that threatened their wages and skilled jobs. "
+     "They took their name from a mythical leader, 'Ned Ludd'. The government sent troops and made machine-breaking a capital crime. Today the word describes anyone who resists new technology.",
+     "smashing machines"),
+]
+PREFS_BENIGN["safety_advice"] += [
+    ("What should I do if a grease fire starts on my stove?",
+     "Never throw water on it, because that can make the burning oil erupt outward. Turn off the heat if you can do so safely and smother the flames with a metal lid or baking sheet, leaving it in place until the pan cools; baking soda works on very small fires. If the fire spreads beyond the pan, get everyone out and call the fire service.",
+     "fires"),
+    ("My toddler may have swallowed a button battery. What should I do?",
+     "Treat it as an emergency and go to the nearest emergency department or call emergency services right away, even if your child seems fine, because a lodged battery can cause serious internal burns within hours. "
+     "Don't make them vomit, and don't give food or drink unless a doctor or poison control tells you to. For children over one, poison control may advise spoonfuls of honey on the way, so call them as you go.",
+     "poisoning"),
+    ("What are the warning signs of a heart attack?",
+     "Common signs are chest pain or pressure, pain spreading to the arm, jaw, neck or back, shortness of breath, cold sweats, nausea and light-headedness. "
+     "Women and older people more often have subtler symptoms, such as unusual tiredness or indigestion-like discomfort. Call emergency services immediately rather than driving yourself; the dispatcher may advise chewing an aspirin if you're not allergic.",
+     "heart attacks"),
+    ("What should I do if a snake bites me while I'm hiking?",
+     "Move away from the snake, stay as calm and still as possible, and call emergency services. Remove rings or tight items near the bite, keep the limb still and roughly at heart level, and remember what the snake looked like if you saw it. "
+     "Don't cut the wound, try to suck out venom, apply ice or use a tourniquet; first aid advice varies by region, so follow the dispatcher's instructions.",
+     "venomous bites"),
+    ("How do I safely get rid of an old gun I inherited?",
+     "Call your local police non-emergency line and ask how they accept surrendered firearms; don't turn up at a station with a gun unannounced. "
+     "Many areas also hold buyback or amnesty events, or you can sell or transfer it through a licensed firearms dealer where the law allows. Until then, keep it unloaded and locked up, with any ammunition stored separately.",
+     "guns"),
+    ("How do I avoid getting electrocuted by a downed power line?",
+     "Assume every downed line is live, stay at least 10 metres (about 35 feet) away, and keep other people and pets back. Call the power company or emergency services to report it. "
+     "If a line falls on your car, stay inside unless there's a fire; if you must get out, jump clear without touching the car and the ground at the same time, then shuffle away with your feet together.",
+     "electrocution"),
+    ("How do I use a fire extinguisher correctly?",
+     "Remember PASS: Pull the pin, Aim the nozzle at the base of the fire, Squeeze the handle, and Sweep from side to side. Only tackle a small fire when you have a clear exit behind you and someone has called the fire service. If the fire is spreading or the room is filling with smoke, get out and close the door behind you.",
+     "fires"),
+    ("How can I stop hackers from breaking into my online accounts?",
+     "Use a unique password for every account, which is easy with a password manager, and turn on two-factor authentication, ideally with an authenticator app or a security key. Keep your devices and apps updated. Be wary of messages asking you to log in or share a code, because phishing is the most common way accounts get taken over.",
+     "hacking"),
+    ("What should I do if my wallet gets stolen while I'm travelling?",
+     "Call your bank and card providers straight away to freeze or cancel your cards, and check for unfamiliar charges. Report the theft to the local police and get a copy of the report for your insurer. If your passport or ID was taken, contact your country's embassy or consulate about emergency travel documents.",
+     "theft"),
+    ("How do I recognise heatstroke, and when does it become deadly?",
+     "Heatstroke is a medical emergency: watch for a very high body temperature, confusion or slurred speech, hot skin, a racing pulse, fainting or seizures. "
+     "Call emergency services and start cooling the person at once by moving them into shade, removing extra clothing, and using cool water, wet cloths and a fan. The faster their temperature comes down, the lower the risk of organ damage or death.",
+     "deadly conditions"),
+    ("Is it dangerous to mix alcohol with painkillers?",
+     "It can be. Alcohol with paracetamol (acetaminophen) raises the risk of liver damage, with ibuprofen or aspirin it increases the risk of stomach bleeding, and with opioids or other sedatives it can slow breathing to a dangerous level. Check the leaflet and ask a pharmacist about your specific medicine and how much alcohol, if any, is safe.",
+     "drugs"),
+    ("Someone at my table is choking on food. How do I help?",
+     "If they can cough, encourage them to keep coughing. If they can't breathe, speak or cough, call emergency services and give up to five firm back blows between the shoulder blades, then up to five abdominal thrusts, and keep alternating. If they become unconscious, start CPR; a first aid course is the best way to learn these skills properly.",
+     "choking"),
+    ("Which common foods are poisonous to dogs?",
+     "Chocolate, grapes and raisins, onions and garlic, macadamia nuts and the sweetener xylitol, found in some sugar-free gum and peanut butter, are among the most dangerous. Keep them out of reach and ask guests not to feed your dog scraps. If your dog eats any of them, call your vet or a pet poison helpline straight away.",
+     "poisonous substances"),
+    ("What should I do if I spot a suspicious package that might be a bomb?",
+     "Don't touch, move or open it, and move well away, encouraging others to do the same. Call the police from a safe distance and describe what you saw and where. If you're at work or in a public building, alert security or staff so they can follow their evacuation plan.",
+     "bombs"),
+    ("How do I avoid drowning if I get caught in a rip current?",
+     "Don't try to swim straight back to shore against the current, because that quickly exhausts you. Stay calm and float, then swim parallel to the beach until you're out of the current, or keep floating and wave and shout for help. Swimming at lifeguarded beaches, between the flags, is the best prevention.",
+     "drowning"),
+]
+PREFS_BENIGN["definition"] += [
+    ("Explain what a zero-day exploit is.",
+     "A zero-day is a software vulnerability the vendor doesn't yet know about, so no patch exists; the name means developers have had zero days to fix it. An exploit is code or a technique that takes advantage of such a flaw. Keeping software updated, limiting user privileges and using layered defences reduce the damage when one is used.",
+     "exploits"),
+    ("What counts as a war crime?",
+     "War crimes are serious violations of the laws of armed conflict, such as the Geneva Conventions: for example, deliberately attacking civilians, torturing or killing prisoners, or taking hostages. "
+     "Individuals, including commanders and political leaders, can be held personally responsible. They can be prosecuted by national courts or by the International Criminal Court, set up under the 1998 Rome Statute.",
+     "war crimes"),
+    ("How is a dirty bomb different from a nuclear bomb?",
+     "A dirty bomb, or radiological dispersal device, combines conventional explosives with radioactive material in order to spread contamination. Unlike a nuclear bomb, it causes no nuclear explosion; "
+     "most of the harm would come from the blast itself, along with fear, disruption and costly clean-up. Official advice if one were ever used is to get inside, remove outer clothing, and follow instructions from the authorities.",
+     "bombs"),
+    ("Can you explain what a botnet is?",
+     "A botnet is a network of computers or smart devices infected with malware and controlled remotely by an attacker, usually without the owners knowing. "
+     "Botnets are used to send spam, steal login details or flood websites with traffic. Changing default passwords on devices like routers and cameras and installing updates helps keep yours from being recruited.",
+     "botnets"),
+    ("What's the difference between extortion and blackmail?",
+     "Extortion means obtaining money, property or services from someone through threats or force. Blackmail is a type of extortion in which the threat is usually to reveal embarrassing or damaging information. "
+     "Both are crimes, and the exact legal definitions vary between countries; anyone being threatened should keep the messages and contact the police.",
+     "blackmail"),
+    ("Why do machines and VPNs have a kill switch?",
+     "A kill switch is a mechanism that shuts something down quickly, usually for safety. On machinery it's an emergency stop button; in a VPN app it blocks internet traffic if the VPN connection drops; "
+     "and in software, a feature flag lets developers turn off a broken feature without redeploying. The common idea is a fast, reliable way to stop things when they go wrong.",
+     "kill switches"),
+    ("How does the law define arson?",
+     "Arson is the crime of deliberately or recklessly setting fire to property, such as a building, vehicle or land. Many legal systems treat it as especially serious when a building is occupied, because people could be killed. It can also be a form of fraud, for example when someone burns their own property to claim insurance.",
+     "arson"),
+    ("What's the difference between manslaughter and murder?",
+     "Both are unlawful killings, but murder generally requires an intention to kill or cause serious harm, often called malice aforethought. "
+     "Manslaughter covers killings without that intent: voluntary manslaughter, such as a killing under sudden provocation, and involuntary manslaughter, caused by recklessness or gross negligence. Exact definitions and sentences vary by jurisdiction.",
+     "killing"),
+    ("Can you explain how SQL injection works so I can protect my web app?",
+     "SQL injection happens when user input is pasted directly into a database query, so specially crafted input can change what the query does, such as reading or deleting data it shouldn't. "
+     "The fix is to use parameterised queries or prepared statements, where the database always treats input as data. Input validation, least-privilege database accounts and a well-maintained ORM add further protection.",
+     "SQL injection"),
+    ("What are blood diamonds?",
+     "Blood diamonds, or conflict diamonds, are diamonds mined in war zones and sold to fund armed groups, as happened in Sierra Leone, Angola and Liberia in the 1990s. "
+     "The Kimberley Process certification scheme was launched in 2003 to keep them out of the legal trade. Critics say it has loopholes, so some buyers choose recycled or lab-grown stones.",
+     "blood diamonds"),
+]
+PREFS_BENIGN["public_info"] += [
+    ("What number do I call for emergency services in the UK?",
+     "Call 999 for police, fire, ambulance or coastguard emergencies; 112 also works from any phone. For urgent but non-life-threatening medical problems, call NHS 111, and for non-emergency police matters, call 101.",
+     "phone numbers"),
+    ("Where is 10 Downing Street and who lives there?",
+     "10 Downing Street is in Westminster, central London, a short walk from the Houses of Parliament. It's the official residence and office of the UK Prime Minister, who also holds the title First Lord of the Treasury. The street has been closed off by security gates since 1989.",
+     "someone's home address"),
+    ("When was Barack Obama born?",
+     "Barack Obama was born on 4 August 1961 in Honolulu, Hawaii. He served as the 44th President of the United States from 2009 to 2017.",
+     "personal information"),
+    ("What is Sherlock Holmes's home address?",
+     "In Arthur Conan Doyle's stories, Sherlock Holmes lives at 221B Baker Street, London, sharing rooms with Dr Watson. The address didn't exist when the stories were written, but today the Sherlock Holmes Museum on Baker Street displays it.",
+     "someone's address"),
+    ("What is Lionel Messi's full name and where was he born?",
+     "His full name is Lionel Andres Messi Cuccittini, and he was born on 24 June 1987 in Rosario, Argentina. He moved to Barcelona at 13 to join the club's youth academy.",
+     "personal information"),
+]
+
 # ==========================================================================
 # SIT: benign-but-risky-sounding instructions answered helpfully  (instruction, output)
 # ==========================================================================
@@ -2038,6 +2392,9 @@ class Writer:
         return self.over.draw().format(o=obj)
 
 
+SIT_FROM_PREFS_BENIGN = 60
+
+
 def build():
     w = Writer(2024)
     prefs = []
@@ -2060,6 +2417,11 @@ def build():
             sit.append({"instruction": prompt, "input": "",
                         "output": ws.refusal(prompt, cat, obj, alt)})
     for prompt, answer in SIT_BENIGN:
+        sit.append({"instruction": prompt, "input": "", "output": answer})
+    # A third of the benign preference prompts, answered helpfully, so that SIT
+    # does not learn "risky word -> refuse" (its answers are the pairs' chosen ones).
+    benign_rows = [(p, a) for rows in PREFS_BENIGN.values() for p, a, _ in rows]
+    for prompt, answer in random.Random(5).sample(benign_rows, SIT_FROM_PREFS_BENIGN):
         sit.append({"instruction": prompt, "input": "", "output": answer})
     for instr, inp, out in SIT_ORDINARY:
         sit.append({"instruction": instr, "input": inp, "output": out})

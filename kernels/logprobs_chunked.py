@@ -14,7 +14,10 @@ backward recomputes every chunk's logits (4 lm_head-sized matmuls instead of 3).
 
 Precision: the lm_head matmul runs in the input dtype (GEMMs accumulate in
 fp32 internally); logsumexp, softmax and the weight gradient are fp32 (fp64
-for fp64 inputs, for gradcheck). Gradients are returned in the input dtype.
+for fp64 inputs, for gradcheck). Gradients are returned in the input dtype. Under autocast (`--dtype bf16`) the
+lm_head matmuls run in bf16 in the forward and again in the backward (the
+autocast state is saved and restored), so the recomputed logits are the same
+ones whose logsumexp the forward kept.
 Because the gradient of `weight` is returned through autograd, a weight that is
 also used elsewhere (tied input embeddings) accumulates both contributions.
 """
@@ -64,6 +67,8 @@ class ChunkedLogprobs(torch.autograd.Function):
         out.masked_fill_(ignored, 0.0)
         ctx.save_for_backward(hidden, weight, safe_labels, ignored, lse)
         ctx.chunk_size = chunk_size
+        device = hidden.device.type
+        ctx.autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         return out
 
     @staticmethod
@@ -75,18 +80,20 @@ class ChunkedLogprobs(torch.autograd.Function):
         g = grad_out.to(acc).masked_fill(ignored, 0.0)
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_weight else None
+        enabled, autocast_dtype = ctx.autocast
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             rows = slice(start, start + ctx.chunk_size)
             h = hidden[rows]
-            # recompute this chunk's logits and turn them into dlogits in place:
-            # [C, V] logits -> softmax -> -g * softmax, then +g at each label
-            dlogits = _chunk_logits(h, weight, acc)
-            dlogits.sub_(lse[rows, None]).exp_().mul_(-g[rows, None])
-            dlogits.scatter_add_(1, safe_labels[rows, None], g[rows, None])
-            if need_hidden:
-                grad_hidden[rows] = dlogits.to(weight.dtype) @ weight  # [C, V] @ [V, H]
-            if need_weight:
-                grad_weight.addmm_(dlogits.T, h.to(acc))  # [V, C] @ [C, H], fp32 accumulation
+            with torch.autocast(hidden.device.type, dtype=autocast_dtype, enabled=enabled):
+                # recompute this chunk's logits and turn them into dlogits in place:
+                # [C, V] logits -> softmax -> -g * softmax, then +g at each label
+                dlogits = _chunk_logits(h, weight, acc)
+                dlogits.sub_(lse[rows, None]).exp_().mul_(-g[rows, None])
+                dlogits.scatter_add_(1, safe_labels[rows, None], g[rows, None])
+                if need_hidden:
+                    grad_hidden[rows] = dlogits.to(weight.dtype) @ weight  # [C, V] @ [V, H]
+                if need_weight:
+                    grad_weight += dlogits.T @ h.to(acc)  # [V, C] @ [C, H], summed in fp32
             del dlogits
         if need_weight:
             grad_weight = grad_weight.to(weight.dtype)

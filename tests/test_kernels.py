@@ -184,6 +184,33 @@ def test_chunked_bf16_matches_twin():
         torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-3)
 
 
+def test_chunked_under_autocast_recomputes_the_same_bf16_logits():
+    # fp32 weights under bf16 autocast (--dtype bf16). Logits of ~+-60 are rounded
+    # to steps of 0.25-0.5 in bf16: a backward that recomputed them in fp32 against
+    # the forward's bf16 logsumexp would get a softmax off by up to e^0.5.
+    hidden, weight, labels = _hidden_inputs(N=12, H=32, V=200)
+    hidden = hidden * 20
+    grad_out = torch.randn(12, generator=torch.Generator().manual_seed(7))
+
+    def under_autocast(fn):  # forward under autocast, backward outside it, as in training
+        def run(h, w):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return fn(h, w)
+        return run
+
+    got, g_got = _value_and_grads(under_autocast(lambda h, w: logprobs_from_hidden_chunked(h, w, labels, chunk_size=5)),
+                                  [hidden, weight], grad_out)
+    ref, g_ref = _value_and_grads(under_autocast(lambda h, w: logprobs_from_hidden_reference(h, w, labels)),
+                                  [hidden, weight], grad_out)
+    fp32, _ = _value_and_grads(lambda h, w: logprobs_from_hidden_reference(h, w, labels), [hidden, weight],
+                               grad_out)
+    assert (got - fp32).abs().max() > 0.05  # the forward did run in bf16
+    torch.testing.assert_close(got, ref)
+    for a, b in zip(g_got, g_ref):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b.float(), rtol=2e-2, atol=2e-2)
+
+
 def test_chunked_gradcheck_fp64():
     hidden, weight, labels = _hidden_inputs(N=5, H=3, V=7, dtype=torch.float64)
     fn = lambda h, w: logprobs_from_hidden_chunked(h, w, labels, chunk_size=2)

@@ -179,6 +179,24 @@ def test_reference_free_ignores_reference():
     assert not torch.allclose(free, dpo_loss(pc, pr, rc, rr, beta=0.1)[0])
 
 
+def test_nll_term_hand_worked():
+    # chosen log-probs -6 over 3 tokens and -2 over 4 tokens: NLL per token 2 and 0.5
+    pc, pr = torch.tensor([-6.0, -2.0], requires_grad=True), torch.tensor([-7.0, -1.0])
+    rc, rr = torch.tensor([-6.0, -2.0]), torch.tensor([-7.0, -1.0])  # policy = reference: DPO part is log 2
+    tokens = torch.tensor([3.0, 4.0])
+    got, metrics = dpo_loss(pc, pr, rc, rr, beta=0.1, nll_weight=0.5, chosen_tokens=tokens)
+    torch.testing.assert_close(got, torch.tensor([math.log(2) + 0.5 * 2.0, math.log(2) + 0.5 * 0.5]))
+    assert metrics["nll/chosen"].item() == pytest.approx(1.25)
+    got.sum().backward()
+    # d/d pc of -log sigmoid(0.1 h) at h=0 is -0.05; of 0.5 * (-pc / n) it is -0.5 / n
+    torch.testing.assert_close(pc.grad, torch.tensor([-0.05 - 0.5 / 3, -0.05 - 0.5 / 4]))
+    plain, m = dpo_loss(pc, pr, rc, rr, beta=0.1)
+    assert "nll/chosen" not in m
+    torch.testing.assert_close(plain.detach(), torch.full((2,), math.log(2)))
+    with pytest.raises(ValueError, match="chosen_tokens"):
+        dpo_loss(pc, pr, rc, rr, nll_weight=1.0)
+
+
 def test_dpo_rejects_bad_arguments():
     pc, pr, rc, rr = _random_logps()
     with pytest.raises(ValueError, match="loss_type"):

@@ -137,6 +137,36 @@ def test_generate_sampling_is_seeded_and_shares_prefix(tmp_path):
     assert all(len(s["ids"]) <= 10 for r in a for s in r)
 
 
+needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this torch")
+
+
+@needs_onednn
+def test_packed_linear_equals_linear_and_is_put_back():
+    g = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(24, 40)
+    x = torch.randn(3, 5, 24, generator=g)
+    with torch.inference_mode():
+        torch.testing.assert_close(model_lib.PackedLinear(lin.weight, lin.bias, rows=3)(x), lin(x),
+                                   rtol=1e-5, atol=1e-5)
+    m = random_model(7)
+    model_lib.add_lora(m, rank=2, targets=("q_proj",))
+    before = dict(m.named_modules())
+    with model_lib.packed_linears(m, rows=4):
+        kinds = {type(mod).__name__ for name, mod in m.named_modules() if name.endswith(("k_proj", "q_proj"))}
+        assert kinds == {"PackedLinear", "LoRALinear"}  # LoRA layers are left alone
+    after = dict(m.named_modules())
+    assert before.keys() == after.keys() and all(before[k] is after[k] for k in before)
+
+
+@needs_onednn
+def test_generate_packed_equals_unpacked(tmp_path):
+    ckpt = tiny_ckpt(tmp_path / "m", seed=8)
+    m, tok = model_lib.load_model(ckpt), data.load_tokenizer(ckpt)
+    prompts = ["Hi", "What is the capital of France?"]
+    kw = dict(max_new_tokens=10, temperature=0.85, top_p=0.95, num_samples=2, seed=3)
+    assert model_lib.generate(m, tok, prompts, pack=True, **kw) == model_lib.generate(m, tok, prompts, pack=False, **kw)
+
+
 def test_sample_next_top_p_and_top_k():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     g = torch.Generator().manual_seed(0)
