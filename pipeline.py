@@ -49,7 +49,8 @@ EXPECTED_MINUTES = {"baseline": 3.3, "sit": 4.8, "dpo": 11.1, "raft": 2.7, "eval
 SETTINGS = {
     "sit": (["--epochs", "2", "--lr", "3e-5", "--batch-size", "8", "--max-len", "256"],
             ["--max-steps", "2", "--batch-size", "2", "--max-len", "128"]),
-    "dpo": (["--epochs", "1", "--lr", "5e-6", "--beta", "0.1", "--batch-size", "8", "--max-len", "256"],
+    "dpo": (["--epochs", "1", "--lr", "5e-6", "--beta", "0.1", "--nll-weight", "1.0", "--batch-size", "8",
+             "--max-len", "256"],
             ["--max-steps", "2", "--batch-size", "2", "--max-len", "128"]),
     "raft": (["--k", "4", "--prompts-per-iter", "48", "--max-new-tokens", "64", "--sft-epochs", "1"],
              ["--k", "2", "--prompts-per-iter", "2", "--max-new-tokens", "8", "--sft-max-steps", "1",

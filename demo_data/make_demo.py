@@ -2404,8 +2404,12 @@ def build():
                           "chosen": w.refusal(prompt, cat, obj, alt),
                           "rejected": w.compliance(prompt, cat, obj),
                           "category": cat, "kind": "harmful"})
-    for cat, rows in PREFS_BENIGN.items():
-        for prompt, answer, obj in rows:
+    # A third of the benign prompts go to SIT instead (answered helpfully there),
+    # so that SIT does not learn "risky word -> refuse"; the rest become pairs.
+    benign = [(cat, row) for cat, rows in PREFS_BENIGN.items() for row in rows]
+    to_sit = random.Random(5).sample(range(len(benign)), SIT_FROM_PREFS_BENIGN)
+    for i, (cat, (prompt, answer, obj)) in enumerate(benign):
+        if i not in to_sit:
             prefs.append({"prompt": prompt, "chosen": answer,
                           "rejected": w.over_refusal(obj),
                           "category": cat, "kind": "benign"})
@@ -2418,10 +2422,8 @@ def build():
                         "output": ws.refusal(prompt, cat, obj, alt)})
     for prompt, answer in SIT_BENIGN:
         sit.append({"instruction": prompt, "input": "", "output": answer})
-    # A third of the benign preference prompts, answered helpfully, so that SIT
-    # does not learn "risky word -> refuse" (its answers are the pairs' chosen ones).
-    benign_rows = [(p, a) for rows in PREFS_BENIGN.values() for p, a, _ in rows]
-    for prompt, answer in random.Random(5).sample(benign_rows, SIT_FROM_PREFS_BENIGN):
+    for i in to_sit:
+        prompt, answer, _ = benign[i][1]
         sit.append({"instruction": prompt, "input": "", "output": answer})
     for instr, inp, out in SIT_ORDINARY:
         sit.append({"instruction": instr, "input": inp, "output": out})

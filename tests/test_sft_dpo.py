@@ -75,6 +75,13 @@ def test_dpo_nll_weight_adds_the_chosen_per_token_nll(ckpt, toy_prefs, tmp_path)
     assert first["loss"] == pytest.approx(math.log(2) + 0.5 * first["nll/chosen"], rel=1e-5)
 
 
+def test_dtype_auto_resolves_to_what_the_hardware_has(ckpt, memo_set, tmp_path):
+    import common
+    sft.main(args(ckpt, memo_set, tmp_path / "auto", "--max-steps", 1, "--dtype", "auto"))
+    saved = json.loads((tmp_path / "auto" / "train_config.json").read_text())["dtype"]
+    assert saved == ("bf16" if common.native_bf16(torch.device("cpu")) else "fp32")
+
+
 def test_dpo_reference_model_equals_precompute(ckpt, toy_prefs, tmp_path):
     dpo.main(args(ckpt, toy_prefs, tmp_path / "pre", "--max-steps", 3, "--lr", 1e-3))
     dpo.main(args(ckpt, toy_prefs, tmp_path / "mod", "--max-steps", 3, "--lr", 1e-3, "--ref", "model",
