@@ -19,6 +19,7 @@ per-pair (DPO) losses divided by the count over the whole global step. Summing
 over micro-batches and ranks then gives exactly the one-big-batch mean; DDP
 averages gradients over ranks, so each rank multiplies its loss by world size.
 """
+import ctypes
 import json
 import math
 import os
@@ -87,6 +88,7 @@ class Run:
         else:
             self.device = torch.device("cpu")
         self.main = self.rank == 0
+        return_freed_memory()
         if getattr(args, "dtype", None) == "auto":
             args.dtype = "bf16" if native_bf16(self.device) else "fp32"
         self.out = Path(args.out)
@@ -170,10 +172,35 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
 
 def make_optimizer(model, args, total_steps: int):
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    # fused: one kernel per parameter updates it in place, without the
+    # per-parameter temporaries of the default loop (the embedding's are
+    # 113 MB each for SmolLM2): less peak memory, and faster.
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, fused=fused)
     warmup = args.warmup_steps if args.warmup_steps >= 0 else int(args.warmup_ratio * total_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total_steps, warmup))
     return opt, sched
+
+
+def return_freed_memory():
+    """Make glibc give large freed blocks back to the operating system.
+
+    By default glibc serves allocations above a threshold with their own
+    mapping, but raises that threshold (up to 32 MiB) each time such a block
+    is freed; after that, freed activations and gradients stay in the heap,
+    fragmented, and the process's memory grows step after step (for a DPO
+    step on SmolLM2: 3.7 GB peak instead of 2.7). Fixing the threshold at
+    128 KiB keeps every large tensor in its own mapping, returned at free.
+    Nothing happens on other C libraries; the environment variable
+    MALLOC_MMAP_THRESHOLD_ overrides it."""
+    if sys.platform != "linux" or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (e.g. musl)
+        return
+    M_MMAP_THRESHOLD = -3
+    libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024)
 
 
 # ----------------------------------------------------------------------------

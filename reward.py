@@ -215,6 +215,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     args.grad_accum = 1  # read by common.plan_steps
     torch.manual_seed(args.seed)
+    common.return_freed_memory()
     t_start = time.time()
     out = Path(args.out)
     tok = data.load_tokenizer(args.ckpt, args.template)

@@ -16,7 +16,13 @@ measured in the same run.
   naive  a frozen reference copy runs every step, and both models produce full
          logits [2B, T, V] for log_softmax + gather. fp32.
   trl    (--trl) TRL's DPOTrainer on the same pairs, fp32, no checkpointing;
-  trl-defaults  the same with DPOConfig's defaults (bf16, gradient checkpointing).
+  trl-defaults  the same with DPOConfig's defaults (bf16, gradient checkpointing);
+  trl-gc-malloc  fp32, gradient checkpointing, and the glibc setting our
+         scripts make (common.return_freed_memory): how much of our memory
+         gain TRL would get from the allocator setting alone.
+
+Our paths run as dpo.py does: the optimiser from common.make_optimizer (fused
+AdamW) and common.return_freed_memory() at start.
 
 Each path runs in its own process, so its peak RSS (ru_maxrss) is its own.
 Prints seconds/step (median), tokens/s, peak RSS, the ratios, and checks that
@@ -32,6 +38,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -39,7 +46,8 @@ PKU = ROOT.parent / "shared" / "data" / "pku_saferlhf_pairs.jsonl"
 
 
 PATHS = ("fast", "fast-gc", "fast-bf16", "naive")
-TRL_PATHS = ("trl", "trl-defaults")
+TRL_PATHS = ("trl", "trl-defaults", "trl-gc-malloc")
+BF16_PATHS = ("fast-bf16", "trl-defaults")  # run only where the CPU multiplies bf16 natively
 
 
 def batch_of_pairs(tok, n, max_len):
@@ -56,7 +64,9 @@ def run_trl(path, n_pairs, max_len, steps):
     """TRL's DPOTrainer on the same 4 pairs (same rendered prompts, same answers +
     <|im_end|>), max_length 256, a frozen reference copy. `trl`: fp32, no gradient
     checkpointing (our fast path's settings); `trl-defaults`: DPOConfig's own
-    defaults on this machine (bf16 and gradient checkpointing on)."""
+    defaults on this machine (bf16 and gradient checkpointing on);
+    `trl-gc-malloc`: fp32 with gradient checkpointing and our glibc setting
+    (common.return_freed_memory), the like-for-like rival of fast-gc."""
     import time as _time
 
     import datasets
@@ -67,6 +77,9 @@ def run_trl(path, n_pairs, max_len, steps):
     import data
     import model as model_lib
 
+    if path == "trl-gc-malloc":
+        import common
+        common.return_freed_memory()
     torch.manual_seed(0)
     tok = data.load_tokenizer(None)
     _, source = batch_of_pairs(tok, n_pairs, max_len)
@@ -80,7 +93,8 @@ def run_trl(path, n_pairs, max_len, steps):
     ckpt = str(model_lib.resolve_ckpt(None))
     hf_tok = transformers.AutoTokenizer.from_pretrained(ckpt)
     policy = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
-    settings = {} if path == "trl-defaults" else {"bf16": False, "gradient_checkpointing": False}
+    settings = {"trl": {"bf16": False, "gradient_checkpointing": False}, "trl-defaults": {},
+                "trl-gc-malloc": {"bf16": False, "gradient_checkpointing": True}}[path]
     cfg = trl.DPOConfig(output_dir="/tmp/bench_dpo_trl", per_device_train_batch_size=n_pairs, max_steps=steps,
                         learning_rate=5e-6, beta=0.1, max_length=max_len, logging_steps=1, report_to="none",
                         save_strategy="no", use_cpu=True, dataloader_num_workers=0, lr_scheduler_type="constant",
@@ -115,10 +129,12 @@ def run_path(path, n_pairs, max_len, steps):
         return run_trl(path, n_pairs, max_len, steps)
     import torch
 
+    import common
     import data
     import losses
     import model as model_lib
 
+    common.return_freed_memory()  # as dpo.py does (common.Run)
     torch.manual_seed(0)
     tok = data.load_tokenizer(None)
     batch, source = batch_of_pairs(tok, n_pairs, max_len)
@@ -127,7 +143,7 @@ def run_path(path, n_pairs, max_len, steps):
     policy = model_lib.load_model(None, dtype=torch.float32).train()
     policy.gradient_checkpointing = path == "fast-gc"
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=path == "fast-bf16")
-    opt = torch.optim.AdamW(policy.parameters(), lr=5e-6)
+    opt, _ = common.make_optimizer(policy, SimpleNamespace(lr=5e-6, weight_decay=0.0, warmup_steps=0), steps)
     ref_seconds = 0.0
     if path != "naive":
         t0 = time.perf_counter()
@@ -176,8 +192,15 @@ def main():
     if a.path:
         print(json.dumps(run_path(a.path, a.pairs, a.max_len, a.steps)))
         return
+    import torch
+
+    import common
+
     res = {}
     for path in PATHS + (TRL_PATHS if a.trl else ()):
+        if path in BF16_PATHS and not common.native_bf16(torch.device("cpu")):
+            print(f"{path}: skipped, this CPU has no native bf16 (emulated, it takes minutes a step)")
+            continue
         out = subprocess.run([sys.executable, __file__, "--path", path, "--pairs", str(a.pairs), "--max-len",
                               str(a.max_len), "--steps", str(a.steps)], capture_output=True, text=True)
         if out.returncode:
@@ -193,7 +216,7 @@ def main():
               f"{r['tokens_per_s']:4.0f} tokens/s, peak RSS {r['peak_rss_gb']:.2f} GB {r.get('settings', '')}")
     print(f"fast: reference log-probs precomputed once in {f['ref_seconds']:.2f} s (not part of the step)")
     baselines = [("naive", n)] + [(p, res[p]) for p in TRL_PATHS if p in res]
-    for p in PATHS[:3]:
+    for p in [p for p in PATHS[:3] if p in res]:
         r = res[p]
         print(f"{p:>12}: " + "; ".join(f"vs {bn}: {b['s_per_step'] / r['s_per_step']:.2f}x faster, "
                                        f"{r['peak_rss_gb'] / b['peak_rss_gb']:.2f} of its memory"

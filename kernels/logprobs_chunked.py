@@ -92,8 +92,11 @@ class ChunkedLogprobs(torch.autograd.Function):
                 dlogits.scatter_add_(1, safe_labels[rows, None], g[rows, None])
                 if need_hidden:
                     grad_hidden[rows] = dlogits.to(weight.dtype) @ weight  # [C, V] @ [V, H]
-                if need_weight:
-                    grad_weight += dlogits.T @ h.to(acc)  # [V, C] @ [C, H], summed in fp32
+                if need_weight:  # [V, C] @ [C, H], summed into the fp32 gradient
+                    if enabled:  # the product in autocast's dtype, as the forward did
+                        grad_weight += dlogits.T @ h
+                    else:  # in place: no [V, H] temporary
+                        grad_weight.addmm_(dlogits.T, h.to(acc))
             del dlogits
         if need_weight:
             grad_weight = grad_weight.to(weight.dtype)

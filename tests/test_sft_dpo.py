@@ -82,6 +82,27 @@ def test_dtype_auto_resolves_to_what_the_hardware_has(ckpt, memo_set, tmp_path):
     assert saved == ("bf16" if common.native_bf16(torch.device("cpu")) else "fp32")
 
 
+def test_optimizer_is_fused_adamw_on_cpu_and_steps_like_the_loop():
+    """common.make_optimizer picks the fused AdamW; one step equals the plain loop's."""
+    import types
+
+    import common
+    torch.manual_seed(0)
+    a = torch.nn.Linear(8, 4)
+    b = torch.nn.Linear(8, 4)
+    b.load_state_dict(a.state_dict())
+    args = types.SimpleNamespace(lr=1e-2, weight_decay=0.1, warmup_steps=0)
+    opt, _ = common.make_optimizer(a, args, total_steps=10)
+    assert opt.defaults["fused"] is True
+    ref = torch.optim.AdamW(b.parameters(), lr=1e-2, weight_decay=0.1)
+    x = torch.randn(3, 8)
+    for m, o in ((a, opt), (b, ref)):
+        m(x).square().sum().backward()
+        o.step()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-6, atol=1e-7)
+
+
 def test_dpo_reference_model_equals_precompute(ckpt, toy_prefs, tmp_path):
     dpo.main(args(ckpt, toy_prefs, tmp_path / "pre", "--max-steps", 3, "--lr", 1e-3))
     dpo.main(args(ckpt, toy_prefs, tmp_path / "mod", "--max-steps", 3, "--lr", 1e-3, "--ref", "model",
