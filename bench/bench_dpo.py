@@ -12,7 +12,8 @@ measured in the same run.
          backward: the activation memory of 30 layers is most of the peak).
   fast-bf16  the fast path under bf16 autocast (`--dtype bf16`: fp32 master
          weights and optimiser, bf16 matmuls), fast where the CPU has bf16
-         instructions (AVX512-BF16 / AMX), slower where it must emulate them.
+         instructions (AVX512-BF16 / AMX); skipped elsewhere, as is
+         trl-defaults: emulated bf16 takes minutes a step.
   naive  a frozen reference copy runs every step, and both models produce full
          logits [2B, T, V] for log_softmax + gather. fp32.
   trl    (--trl) TRL's DPOTrainer on the same pairs, fp32, no checkpointing;
