@@ -141,19 +141,32 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=b)
         self.o_proj = nn.Linear(self.n_head * self.hd, cfg.hidden_size, bias=b)
 
-    def forward(self, x, cos, sin, mask, cache=None, layer=0, start=0):
-        B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.hd).transpose(1, 2)  # [B, nh, T, hd]
-        k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # [B, nkv, T, hd]
-        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
+    def forward(self, x, cos, sin, mask, cache=None, layer=0, start=0, rows=None):
+        """x [B, T, H]; or, with rows = (keep, B, T), only the real tokens [N, H]
+        (see Llama.forward): they go back into their rows just for the attention."""
+        q = self.q_proj(x).unflatten(-1, (self.n_head, self.hd))  # [B, T, nh, hd] or [N, nh, hd]
+        k = self.k_proj(x).unflatten(-1, (self.n_kv, self.hd))
+        v = self.v_proj(x).unflatten(-1, (self.n_kv, self.hd))
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
+        if rows is not None:
+            q, k, v = (to_rows(t, rows) for t in (q, k, v))
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, T, hd]
         if cache is not None:  # write this step's keys/values, attend over everything so far
             k, v = cache.update(layer, start, k, v)
         # Grouped-query attention: each kv head serves n_head / n_kv query heads;
         # enable_gqa does that inside the kernel instead of copying k and v.
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_head)  # [B, nh, T, hd]
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        y = y.transpose(1, 2).flatten(2)  # [B, T, nh * hd]
+        if rows is not None:
+            y = y.flatten(0, 1)[rows[0]]  # back to the real tokens [N, nh * hd]
+        return self.o_proj(y)
+
+
+def to_rows(t, rows):
+    """Real tokens [N, ...] -> [B, T, ...] with zeros at the padding slots."""
+    keep, B, T = rows
+    return t.new_zeros(B * T, *t.shape[1:]).index_copy(0, keep, t).unflatten(0, (B, T))
 
 
 class MLP(nn.Module):
@@ -176,8 +189,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, cache=None, layer=0, start=0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, start)
+    def forward(self, x, cos, sin, mask, cache=None, layer=0, start=0, rows=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, start, rows)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -215,25 +228,37 @@ class Llama(nn.Module):
         Returns logits [B, T, V], or with return_hidden the final-norm hidden states
         [B, T, H] (the loss code turns those into log-probs without full logits).
         With `cache` (a KVCache), the tokens are written at slots start..start+T-1
-        and attend to every earlier slot the cache marks as real.
+        and attend to every earlier slot the cache marks as real. Without one,
+        padding is skipped: the outputs at padding slots are those of a zero
+        hidden state, and carry no meaning.
         """
         B, T = input_ids.shape
+        rows = None
         if cache is not None:
             positions, mask = cache.positions_and_mask(start, T, attention_mask)
         else:
             if attention_mask is None:
                 attention_mask = torch.ones_like(input_ids)
-            positions, mask = positions_and_mask(attention_mask.bool())
+            valid = attention_mask.bool()
+            positions, mask = positions_and_mask(valid)
+            if not valid.all():
+                # Padding: every layer but the attention runs on the N real tokens
+                # alone ([N, H] instead of [B, T, H]), so padding costs no matmuls.
+                keep = valid.flatten().nonzero().squeeze(1)
+                rows = (keep, B, T)
+                input_ids, positions = input_ids.flatten()[keep], positions.flatten()[keep]
         x = self.model.embed_tokens(input_ids)
-        freqs = positions[:, None, :, None].float() * self.inv_freq[None, None, None, :]  # [B, 1, T, hd/2]
+        freqs = positions[..., None, None].float() * self.inv_freq  # [B, T, 1, hd/2] or [N, 1, hd/2]
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         for i, block in enumerate(self.model.layers):
             if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, None, i, 0, rows, use_reentrant=False)
             else:
-                x = block(x, cos, sin, mask, cache, i, start)
+                x = block(x, cos, sin, mask, cache, i, start, rows)
         h = self.model.norm(x)
+        if rows is not None:
+            h = to_rows(h, rows)  # [B, T, H], zeros at padding
         if return_hidden:
             return h
         if self.config.num_labels:

@@ -49,6 +49,8 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
 
 import common
 import data
@@ -176,7 +178,10 @@ def build_parser():
     ap.add_argument("--eval-pairs", type=int, default=1000, help="held-out pairs, prompts disjoint from training")
     ap.add_argument("--layers", type=int, default=None, help="keep only the lowest N decoder layers (CPU runs)")
     ap.add_argument("--train-layers", type=int, default=None,
-                    help="train only the top T kept layers + final norm + head (default: all)")
+                    help="train only the top T kept layers + final norm + head (default: all); "
+                         "0: fit the head alone on the frozen backbone (a linear probe, see fit_head)")
+    ap.add_argument("--head-l2", type=float, default=0.3,
+                    help="--train-layers 0: L2 penalty on the head, on standardised features")
     ap.add_argument("--lora-rank", type=int, default=0, help="> 0: LoRA on the backbone (head trained fully)")
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--weight-decay", type=float, default=0.0)
@@ -199,15 +204,83 @@ def build_parser():
 
 def freeze_lower(rm, train_layers: int):
     """Only the top `train_layers` blocks, the final norm and the head learn;
-    autograd then never goes below them, which is where the time is saved."""
+    autograd then never goes below them, which is where the time is saved.
+    With 0 only the head learns."""
     n = rm.config.num_hidden_layers
-    if not 1 <= train_layers <= n:
+    if not 0 <= train_layers <= n:
         raise ValueError(f"--train-layers {train_layers}: the reward model has {n} layers")
     for p in rm.parameters():
         p.requires_grad_(False)
-    for module in [*rm.model.layers[n - train_layers:], rm.model.norm, rm.score]:
+    top = [*rm.model.layers[n - train_layers:], rm.model.norm] if train_layers else []
+    for module in [*top, rm.score]:
         for p in module.parameters():
             p.requires_grad_(True)
+
+
+@torch.no_grad()
+def fit_head(rm, train, pad_id, l2: float, batch_size: int, autocast) -> dict:
+    """--train-layers 0: the backbone is frozen, so each answer's feature (the
+    final-norm hidden state at its last token, what the head reads) is computed
+    once, and the head w is the minimiser of
+
+        mean_i -log sigmoid(w . (f_chosen_i - f_rejected_i) / s) + l2 * |w|^2
+
+    found by full-batch L-BFGS, where s is each feature's spread over the
+    training answers (so one l2 suits every layer: SmolLM2's hidden states
+    have a few dimensions hundreds of times larger than the rest). The saved
+    head is w / s: the same scores. This is a linear probe; it beats training
+    layers from a zero head on small data (see the README's reward row)."""
+    feats = []
+    order = sorted(range(len(train)), key=lambda i: data.example_length(train[i]))
+    for s in tqdm(range(0, len(order), batch_size), desc="features", file=sys.stderr):
+        batch = data.collate_pairs([train[i] for i in order[s:s + batch_size]], pad_id)
+        with autocast:
+            hidden = rm(batch["input_ids"], batch["attention_mask"], return_hidden=True)  # [2B, T, H]
+        last = batch["attention_mask"].long().cumsum(-1).argmax(-1)  # as Llama.reward reads it
+        feats.append(hidden[torch.arange(len(hidden)), last].double().view(2, -1, hidden.shape[-1]))
+    chosen, rejected = torch.cat(feats, 1)  # [N, H] each, in `order`
+    spread = torch.cat([chosen, rejected]).std(0).clamp_min(1e-6)
+    diff = (chosen - rejected) / spread
+    w = torch.zeros(diff.shape[1], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w], max_iter=500, tolerance_grad=1e-9, line_search_fn="strong_wolfe")
+
+    def objective():
+        opt.zero_grad()
+        with torch.enable_grad():
+            loss = F.softplus(-(diff @ w)).mean() + l2 * w.pow(2).sum()
+            loss.backward()
+        return loss
+
+    opt.step(objective)
+    rm.score.weight.copy_((w / spread).to(rm.score.weight.dtype)[None])
+    margins = diff @ w
+    return {"step": 1, "loss": float(F.softplus(-margins).mean()), "rewards/accuracies": float((margins > 0).double().mean()),
+            "rewards/margins": float(margins.mean()), "pairs": len(train)}
+
+
+def train_backbone(rm, train, steps, pad_id, opt, sched, autocast, args, t_start) -> list[dict]:
+    """The Bradley-Terry loop: one optimiser step per planned batch of pairs."""
+    log = []
+    for step, (rows,) in enumerate(steps):
+        batch = data.collate_pairs([train[i] for i in rows], pad_id)
+        with autocast:
+            rewards = rm.reward(batch["input_ids"], batch["attention_mask"])  # [2B]: chosen rows, then rejected
+        loss, metrics = losses.reward_loss(rewards[:len(rows)].float(), rewards[len(rows):].float())
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(rm.parameters(), args.max_grad_norm or float("inf"))
+        lr = sched.get_last_lr()[0]
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        log.append({"step": step + 1, "lr": lr, "grad_norm": float(grad_norm),
+                    **{k: float(v) for k, v in metrics.items()}, "elapsed_s": round(time.time() - t_start, 1)})
+        if args.log_every and ((step + 1) % args.log_every == 0 or step + 1 == len(steps)):
+            recent = log[-args.log_every:]
+            mean = {k: sum(r[k] for r in recent) / len(recent) for k in ("loss", "rewards/accuracies",
+                                                                         "rewards/margins")}
+            print(f"step {step + 1}/{len(steps)} loss {mean['loss']:.4f} acc {mean['rewards/accuracies']:.3f} "
+                  f"margin {mean['rewards/margins']:.3f} lr {lr:.2e} ({time.time() - t_start:.0f}s)", flush=True)
+    return log
 
 
 def main(argv=None):
@@ -215,7 +288,6 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     args.grad_accum = 1  # read by common.plan_steps
     torch.manual_seed(args.seed)
-    common.return_freed_memory()
     t_start = time.time()
     out = Path(args.out)
     tok = data.load_tokenizer(args.ckpt, args.template)
@@ -234,7 +306,7 @@ def main(argv=None):
     if args.lora_rank > 0:
         model_lib.add_lora(rm, args.lora_rank)  # freezes everything else ...
         rm.score.weight.requires_grad_(True)  # ... but a new head must learn
-    elif args.train_layers:
+    elif args.train_layers is not None:
         freeze_lower(rm, args.train_layers)
     rm.train()
     opt, sched = common.make_optimizer(rm, args, len(steps))
@@ -244,26 +316,12 @@ def main(argv=None):
               "held_out_pairs": len(held_out)}
     print(json.dumps(config, indent=2), flush=True)
 
-    log = []
-    for step, (rows,) in enumerate(steps):
-        batch = data.collate_pairs([train[i] for i in rows], tok.pad_id)
-        with autocast:
-            rewards = rm.reward(batch["input_ids"], batch["attention_mask"])  # [2B]: chosen rows, then rejected
-        loss, metrics = losses.reward_loss(rewards[:len(rows)].float(), rewards[len(rows):].float())
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(rm.parameters(), args.max_grad_norm or float("inf"))
-        lr = sched.get_last_lr()[0]
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        log.append({"step": step + 1, "lr": lr, "grad_norm": float(grad_norm),
-                    **{k: float(v) for k, v in metrics.items()}, "elapsed_s": round(time.time() - t_start, 1)})
-        if args.log_every and ((step + 1) % args.log_every == 0 or step + 1 == len(steps)):
-            recent = log[-args.log_every:]
-            mean = {k: sum(r[k] for r in recent) / len(recent) for k in ("loss", "rewards/accuracies",
-                                                                         "rewards/margins")}
-            print(f"step {step + 1}/{len(steps)} loss {mean['loss']:.4f} acc {mean['rewards/accuracies']:.3f} "
-                  f"margin {mean['rewards/margins']:.3f} lr {lr:.2e} ({time.time() - t_start:.0f}s)", flush=True)
+    if args.train_layers == 0:
+        log = [fit_head(rm, train, tok.pad_id, args.head_l2, args.eval_batch_size, autocast)]
+        print(f"head fitted: loss {log[0]['loss']:.4f} training accuracy {log[0]['rewards/accuracies']:.3f} "
+              f"({time.time() - t_start:.0f}s)", flush=True)
+    else:
+        log = train_backbone(rm, train, steps, tok.pad_id, opt, sched, autocast, args, t_start)
 
     if args.lora_rank > 0:
         model_lib.merge_lora(rm)

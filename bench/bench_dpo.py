@@ -9,7 +9,10 @@ measured in the same run.
          policy forward over chosen+rejected [2B, T] and chunked log-probs
          from the hidden states (no [2B, T, V] logits). fp32.
   fast-gc  the same with --grad-checkpointing (activations recomputed in
-         backward: the activation memory of 30 layers is most of the peak).
+         backward: the activation memory of 30 layers is most of the peak),
+         which also sets glibc to return freed memory (common.return_freed_memory).
+  fast-gc-heap  checkpointing with glibc's default allocator: faster (no page
+         faults for every fresh tensor), more memory (a fragmented heap).
   fast-bf16  the fast path under bf16 autocast (`--dtype bf16`: fp32 master
          weights and optimiser, bf16 matmuls), fast where the CPU has bf16
          instructions (AVX512-BF16 / AMX); skipped elsewhere, as is
@@ -23,7 +26,8 @@ measured in the same run.
          gain TRL would get from the allocator setting alone.
 
 Our paths run as dpo.py does: the optimiser from common.make_optimizer (fused
-AdamW) and common.return_freed_memory() at start.
+AdamW), padding skipped by the model (it computes on the real tokens only), and
+common.return_freed_memory() at start with checkpointing.
 
 Each path runs in its own process, so its peak RSS (ru_maxrss) is its own.
 Prints seconds/step (median), tokens/s, peak RSS, the ratios, and checks that
@@ -46,7 +50,7 @@ sys.path.insert(0, str(ROOT))
 PKU = ROOT.parent / "shared" / "data" / "pku_saferlhf_pairs.jsonl"
 
 
-PATHS = ("fast", "fast-gc", "fast-bf16", "naive")
+PATHS = ("fast", "fast-gc", "fast-gc-heap", "fast-bf16", "naive")
 TRL_PATHS = ("trl", "trl-defaults", "trl-gc-malloc")
 BF16_PATHS = ("fast-bf16", "trl-defaults")  # run only where the CPU multiplies bf16 natively
 
@@ -135,14 +139,15 @@ def run_path(path, n_pairs, max_len, steps):
     import losses
     import model as model_lib
 
-    common.return_freed_memory()  # as dpo.py does (common.Run)
+    if path == "fast-gc":
+        common.return_freed_memory()  # as dpo.py does with --grad-checkpointing (common.Run)
     torch.manual_seed(0)
     tok = data.load_tokenizer(None)
     batch, source = batch_of_pairs(tok, n_pairs, max_len)
     ids, att, mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
     B = n_pairs
     policy = model_lib.load_model(None, dtype=torch.float32).train()
-    policy.gradient_checkpointing = path == "fast-gc"
+    policy.gradient_checkpointing = path.startswith("fast-gc")
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=path == "fast-bf16")
     opt, _ = common.make_optimizer(policy, SimpleNamespace(lr=5e-6, weight_decay=0.0, warmup_steps=0), steps)
     ref_seconds = 0.0
@@ -217,12 +222,12 @@ def main():
               f"{r['tokens_per_s']:4.0f} tokens/s, peak RSS {r['peak_rss_gb']:.2f} GB {r.get('settings', '')}")
     print(f"fast: reference log-probs precomputed once in {f['ref_seconds']:.2f} s (not part of the step)")
     baselines = [("naive", n)] + [(p, res[p]) for p in TRL_PATHS if p in res]
-    for p in [p for p in PATHS[:3] if p in res]:
+    for p in [p for p in PATHS if p.startswith("fast") and p in res]:
         r = res[p]
         print(f"{p:>12}: " + "; ".join(f"vs {bn}: {b['s_per_step'] / r['s_per_step']:.2f}x faster, "
                                        f"{r['peak_rss_gb'] / b['peak_rss_gb']:.2f} of its memory"
                                        for bn, b in baselines))
-    diff = max(abs(res[p]["losses"][0] - n["losses"][0]) for p in ("fast", "fast-gc"))
+    diff = max(abs(res[p]["losses"][0] - n["losses"][0]) for p in ("fast", "fast-gc", "fast-gc-heap"))
     print("first-step loss: " + " ".join(f"{p} {r['losses'][0]:.6f}" for p, r in res.items())
           + f" (fast vs naive max |diff| {diff:.2e})")
     if diff > 1e-4:

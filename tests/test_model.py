@@ -94,6 +94,28 @@ def test_kv_cache_forward_equals_full_forward():
     assert (stepped[real] - full[real]).abs().max().item() < 1e-4
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_padded_batch_trains_as_its_rows_alone(checkpointing):
+    """With padding the model computes on the real tokens only (Llama.forward):
+    the outputs and the weight gradients equal those of each row run alone."""
+    m = random_model(3).train()
+    m.gradient_checkpointing = checkpointing
+    ids, mask = left_padded_batch(320)
+    mask[0, 33:] = 0  # and right padding
+    hidden = m(ids, mask, return_hidden=True)
+    assert hidden[~mask.bool()].abs().max() == 0  # padding slots are zeros
+    (hidden[mask.bool()].sin().sum()).backward()
+    padded = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    for row in range(3):
+        real = mask[row].bool()
+        alone = m(ids[row:row + 1, real], return_hidden=True)[0]
+        assert (alone - hidden[row, real]).abs().max().item() < 1e-5
+        alone.sin().sum().backward()
+    for n, p in m.named_parameters():
+        assert (p.grad - padded[n]).abs().max().item() < 1e-4 * max(1.0, padded[n].abs().max().item()), n
+
+
 def naive_greedy(m, ids, n, stop):
     """Recompute the whole sequence every step: the obvious twin of generate()."""
     out = []

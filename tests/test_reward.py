@@ -99,3 +99,27 @@ def test_training_on_a_toy_set_reaches_accuracy_one(tmp_path):
     # The saved model scores the same as the one that was evaluated.
     again = reward.pairwise_accuracy(reward.load_reward_model(tmp_path / "rm"), data.load_tokenizer(ckpt), pairs[:4])
     assert again["accuracy"] == 1.0
+
+
+def test_head_only_fit_is_a_probe_the_saved_model_reproduces(tmp_path):
+    """--train-layers 0: the backbone is unchanged, only score.weight is fitted,
+    and the saved model's scores are the ones the fit optimised."""
+    ckpt = tiny_ckpt(tmp_path / "lm", seed=1)
+    tok = data.load_tokenizer(ckpt)
+    pairs = [{"prompt": f"Question number {i}: can you help me?", "chosen": SAFE[i % 2], "rejected": UNSAFE[i % 3 % 2]}
+             for i in range(48)]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    result = reward.main(["--ckpt", str(ckpt), "--data", str(tmp_path / "pairs.jsonl"), "--out", str(tmp_path / "rm"),
+                          "--train-pairs", "32", "--eval-pairs", "16", "--train-layers", "0", "--head-l2", "1e-3"])
+    assert result["accuracy"] == 1.0 and result["pairs"] == 16
+    rm = reward.load_reward_model(tmp_path / "rm")
+    lm = model_lib.load_model(ckpt)
+    backbone = {k: v for k, v in lm.state_dict().items() if k.startswith("model.")}
+    assert all(torch.equal(v, rm.state_dict()[k]) for k, v in backbone.items())
+    assert rm.score.weight.abs().sum() > 0
+    # The fit's own margin is the saved model's mean margin on the training pairs.
+    fit = json.loads((tmp_path / "rm" / "log.jsonl").read_text().splitlines()[0])
+    train_pairs, _ = reward.split_pairs(pairs, 32, 16, seed=0)
+    again = reward.pairwise_accuracy(rm, tok, train_pairs)
+    assert again["accuracy"] == fit["rewards/accuracies"] == 1.0
+    assert abs(again["margin"] - fit["rewards/margins"]) < 1e-3 * max(1.0, abs(fit["rewards/margins"]))
