@@ -2,6 +2,7 @@
 
     python reward.py --ckpt smollm2 --data ../shared/data/pku_saferlhf_pairs.jsonl --out runs/rm
     python reward.py --ckpt smollm2 --data pairs.jsonl --out runs/rm --layers 12 --train-layers 4
+    python reward.py --ckpt smollm2 --data pairs.jsonl --out runs/rm --layers 18 --train-layers 0   # head only
 
 A reward model here is a LLaMA backbone plus a scalar head, saved in the
 Hugging Face `LlamaForSequenceClassification` layout (`score.weight` [1, H],
@@ -36,7 +37,9 @@ What is simplified, and why:
     and only the top T of those trained (`--train-layers`): most of the cost
     is the forward pass through all layers for every pair, and mid-depth
     features of a small LM are known to be about as linearly useful as the
-    last layer's. The saved model is then an N-layer reward model.
+    last layer's. The saved model is then an N-layer reward model. With
+    `--train-layers 0` the backbone stays frozen and only the head is fitted
+    (`fit_head`): one forward pass per pair, no backward at all.
   * Training pairs longer than --max-len are dropped (data.tokenize_pairs
     keeps answers whole); held-out pairs are all scored, up to 1024 tokens.
 """
@@ -228,8 +231,9 @@ def fit_head(rm, train, pad_id, l2: float, batch_size: int, autocast) -> dict:
     found by full-batch L-BFGS, where s is each feature's spread over the
     training answers (so one l2 suits every layer: SmolLM2's hidden states
     have a few dimensions hundreds of times larger than the rest). The saved
-    head is w / s: the same scores. This is a linear probe; it beats training
-    layers from a zero head on small data (see the README's reward row)."""
+    head is w / s: the same scores. This is a linear probe: on 2,000 PKU
+    pairs it scored higher on held-out pairs than training the top layers
+    from a zero head did, in about the same time (the README's reward row)."""
     feats = []
     order = sorted(range(len(train)), key=lambda i: data.example_length(train[i]))
     for s in tqdm(range(0, len(order), batch_size), desc="features", file=sys.stderr):
