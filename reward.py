@@ -111,12 +111,12 @@ def load_reward_model(ckpt, device=None) -> model_lib.Llama:
 
 
 @torch.inference_mode()
-def score_texts(rm, tok, prompts, answers, batch_size=16, max_len=1024, template=None) -> list[float]:
+def score_texts(rm, tok, prompts, answers, batch_size=16, max_len=1024, template=None, desc=None) -> list[float]:
     """Reward of each (prompt, answer): the score head at the last token of
     encode_prompt(prompt) + encode_response(answer). Sequences longer than
     max_len keep their first max_len tokens (the answer's end is lost, so is
     its end-of-turn token). Rows are batched by length to waste little padding;
-    scores come back in the input order."""
+    scores come back in the input order. With `desc`, a progress bar says so."""
     if len(prompts) != len(answers):
         raise ValueError(f"score_texts: {len(prompts)} prompts but {len(answers)} answers")
     seqs = [(data.encode_prompt(tok, p, template) + data.encode_response(tok, a, template))[:max_len]
@@ -128,7 +128,7 @@ def score_texts(rm, tok, prompts, answers, batch_size=16, max_len=1024, template
     was_training = rm.training
     rm.eval()
     scores = [0.0] * len(seqs)
-    for s in range(0, len(order), batch_size):
+    for s in tqdm(range(0, len(order), batch_size), desc=desc, disable=desc is None, file=sys.stderr, leave=False):
         rows = order[s:s + batch_size]
         ids, mask = data.right_pad([seqs[i] for i in rows], pad_id, device)
         for i, r in zip(rows, rm.reward(ids, mask).float().tolist()):
@@ -140,8 +140,10 @@ def score_texts(rm, tok, prompts, answers, batch_size=16, max_len=1024, template
 def pairwise_accuracy(rm, tok, pairs, batch_size=16, template=None) -> dict:
     """Share of pairs with r(chosen) > r(rejected) (a tie counts as wrong), and the mean margin."""
     prompts = [p["prompt"] for p in pairs]
-    chosen = score_texts(rm, tok, prompts, [p["chosen"] for p in pairs], batch_size, template=template)
-    rejected = score_texts(rm, tok, prompts, [p["rejected"] for p in pairs], batch_size, template=template)
+    chosen = score_texts(rm, tok, prompts, [p["chosen"] for p in pairs], batch_size, template=template,
+                         desc="scoring chosen")
+    rejected = score_texts(rm, tok, prompts, [p["rejected"] for p in pairs], batch_size, template=template,
+                           desc="scoring rejected")
     margins = [c - r for c, r in zip(chosen, rejected)]
     return {"accuracy": sum(m > 0 for m in margins) / len(margins), "margin": sum(margins) / len(margins),
             "pairs": len(pairs)}
@@ -258,8 +260,8 @@ def fit_head(rm, train, pad_id, l2: float, batch_size: int, autocast) -> dict:
     opt.step(objective)
     rm.score.weight.copy_((w / spread).to(rm.score.weight.dtype)[None])
     margins = diff @ w
-    return {"step": 1, "loss": float(F.softplus(-margins).mean()), "rewards/accuracies": float((margins > 0).double().mean()),
-            "rewards/margins": float(margins.mean()), "pairs": len(train)}
+    return {"step": 1, "loss": float(F.softplus(-margins).mean()), "rewards/margins": float(margins.mean()),
+            "rewards/accuracies": float((margins > 0).double().mean()), "pairs": len(train)}
 
 
 def train_backbone(rm, train, steps, pad_id, opt, sched, autocast, args, t_start) -> list[dict]:
