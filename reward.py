@@ -186,7 +186,9 @@ def build_parser():
                     help="train only the top T kept layers + final norm + head (default: all); "
                          "0: fit the head alone on the frozen backbone (a linear probe, see fit_head)")
     ap.add_argument("--head-l2", type=float, default=0.3,
-                    help="--train-layers 0: L2 penalty on the head, on standardised features")
+                    help="--train-layers 0 or --probe-first: L2 penalty on the head, on standardised features")
+    ap.add_argument("--probe-first", action="store_true",
+                    help="fit the head on the frozen backbone first (fit_head), then train the layers from there")
     ap.add_argument("--lora-rank", type=int, default=0, help="> 0: LoRA on the backbone (head trained fully)")
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--weight-decay", type=float, default=0.0)
@@ -260,7 +262,7 @@ def fit_head(rm, train, pad_id, l2: float, batch_size: int, autocast) -> dict:
     opt.step(objective)
     rm.score.weight.copy_((w / spread).to(rm.score.weight.dtype)[None])
     margins = diff @ w
-    return {"step": 1, "loss": float(F.softplus(-margins).mean()), "rewards/margins": float(margins.mean()),
+    return {"step": 0, "loss": float(F.softplus(-margins).mean()), "rewards/margins": float(margins.mean()),
             "rewards/accuracies": float((margins > 0).double().mean()), "pairs": len(train)}
 
 
@@ -322,12 +324,15 @@ def main(argv=None):
               "held_out_pairs": len(held_out)}
     print(json.dumps(config, indent=2), flush=True)
 
-    if args.train_layers == 0:
-        log = [fit_head(rm, train, tok.pad_id, args.head_l2, args.eval_batch_size, autocast)]
+    log = []
+    if args.train_layers == 0 or args.probe_first:
+        # A fitted head before any layer moves ("LP-FT", Kumar et al. 2022): the
+        # layers then start from a useful signal instead of a zero head's.
+        log.append(fit_head(rm, train, tok.pad_id, args.head_l2, args.eval_batch_size, autocast))
         print(f"head fitted: loss {log[0]['loss']:.4f} training accuracy {log[0]['rewards/accuracies']:.3f} "
               f"({time.time() - t_start:.0f}s)", flush=True)
-    else:
-        log = train_backbone(rm, train, steps, tok.pad_id, opt, sched, autocast, args, t_start)
+    if args.train_layers != 0:
+        log += train_backbone(rm, train, steps, tok.pad_id, opt, sched, autocast, args, t_start)
 
     if args.lora_rank > 0:
         model_lib.merge_lora(rm)

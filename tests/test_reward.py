@@ -123,3 +123,17 @@ def test_head_only_fit_is_a_probe_the_saved_model_reproduces(tmp_path):
     again = reward.pairwise_accuracy(rm, tok, train_pairs)
     assert again["accuracy"] == fit["rewards/accuracies"] == 1.0
     assert abs(again["margin"] - fit["rewards/margins"]) < 1e-3 * max(1.0, abs(fit["rewards/margins"]))
+
+
+def test_probe_first_starts_the_layers_from_the_fitted_head(tmp_path):
+    ckpt = tiny_ckpt(tmp_path / "lm", seed=1)
+    pairs = [{"prompt": f"Question number {i}: can you help me?", "chosen": SAFE[i % 2], "rejected": UNSAFE[i % 3 % 2]}
+             for i in range(48)]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    result = reward.main(["--ckpt", str(ckpt), "--data", str(tmp_path / "pairs.jsonl"), "--out", str(tmp_path / "rm"),
+                          "--train-pairs", "32", "--eval-pairs", "16", "--train-layers", "1", "--probe-first",
+                          "--lr", "1e-3", "--batch-size", "8", "--log-every", "0"])
+    log = [json.loads(line) for line in (tmp_path / "rm" / "log.jsonl").read_text().splitlines()]
+    assert log[0]["step"] == 0 and [r["step"] for r in log[1:]] == [1, 2, 3, 4]
+    assert log[1]["loss"] < 0.6931 - 0.1  # not a zero head's log 2: the fitted one
+    assert result["accuracy"] == 1.0
