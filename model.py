@@ -265,11 +265,16 @@ class Llama(nn.Module):
             return self.score(h)  # [B, T, num_labels]
         return F.linear(h, self.lm_head_weight)
 
-    def reward(self, input_ids, attention_mask):
-        """Scalar reward [B]: the score head read at each row's last real token (right padding)."""
-        scores = self(input_ids, attention_mask)[..., 0]  # [B, T]
+    def reward_features(self, input_ids, attention_mask):
+        """[B, H]: the final-norm hidden state at each row's last real token
+        (right padding), the one vector the score head reads."""
+        hidden = self(input_ids, attention_mask, return_hidden=True)  # [B, T, H]
         last = attention_mask.long().cumsum(-1).argmax(-1)  # index of the last 1 in each row
-        return scores[torch.arange(len(scores), device=scores.device), last]
+        return hidden[torch.arange(len(hidden), device=hidden.device), last]
+
+    def reward(self, input_ids, attention_mask):
+        """Scalar reward [B]: the score head on `reward_features`."""
+        return self.score(self.reward_features(input_ids, attention_mask))[:, 0]
 
 
 def positions_and_mask(valid: torch.Tensor):

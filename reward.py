@@ -224,10 +224,9 @@ def freeze_lower(rm, train_layers: int):
             p.requires_grad_(True)
 
 
-@torch.no_grad()
 def fit_head(rm, train, pad_id, l2: float, batch_size: int, autocast) -> dict:
-    """--train-layers 0: the backbone is frozen, so each answer's feature (the
-    final-norm hidden state at its last token, what the head reads) is computed
+    """--train-layers 0 (or --probe-first): the backbone is frozen, so each
+    answer's feature f (Llama.reward_features: what the head reads) is computed
     once, and the head w is the minimiser of
 
         mean_i -log sigmoid(w . (f_chosen_i - f_rejected_i) / s) + l2 * |w|^2
@@ -240,12 +239,12 @@ def fit_head(rm, train, pad_id, l2: float, batch_size: int, autocast) -> dict:
     from a zero head did, in about the same time (the README's reward row)."""
     feats = []
     order = sorted(range(len(train)), key=lambda i: data.example_length(train[i]))
-    for s in tqdm(range(0, len(order), batch_size), desc="features", file=sys.stderr):
-        batch = data.collate_pairs([train[i] for i in order[s:s + batch_size]], pad_id)
-        with autocast:
-            hidden = rm(batch["input_ids"], batch["attention_mask"], return_hidden=True)  # [2B, T, H]
-        last = batch["attention_mask"].long().cumsum(-1).argmax(-1)  # as Llama.reward reads it
-        feats.append(hidden[torch.arange(len(hidden)), last].double().view(2, -1, hidden.shape[-1]))
+    with torch.no_grad():
+        for s in tqdm(range(0, len(order), batch_size), desc="features", file=sys.stderr):
+            batch = data.collate_pairs([train[i] for i in order[s:s + batch_size]], pad_id)
+            with autocast:
+                f = rm.reward_features(batch["input_ids"], batch["attention_mask"])  # [2B, H]
+            feats.append(f.double().view(2, -1, f.shape[-1]))  # chosen rows, then rejected
     chosen, rejected = torch.cat(feats, 1)  # [N, H] each, in `order`
     spread = torch.cat([chosen, rejected]).std(0).clamp_min(1e-6)
     diff = (chosen - rejected) / spread
@@ -254,20 +253,22 @@ def fit_head(rm, train, pad_id, l2: float, batch_size: int, autocast) -> dict:
 
     def objective():
         opt.zero_grad()
-        with torch.enable_grad():
-            loss = F.softplus(-(diff @ w)).mean() + l2 * w.pow(2).sum()
-            loss.backward()
+        loss = F.softplus(-(diff @ w)).mean() + l2 * w.pow(2).sum()
+        loss.backward()
         return loss
 
     opt.step(objective)
-    rm.score.weight.copy_((w / spread).to(rm.score.weight.dtype)[None])
+    w = w.detach()
+    with torch.no_grad():
+        rm.score.weight.copy_((w / spread).to(rm.score.weight.dtype)[None])
     margins = diff @ w
     return {"step": 0, "loss": float(F.softplus(-margins).mean()), "rewards/margins": float(margins.mean()),
             "rewards/accuracies": float((margins > 0).double().mean()), "pairs": len(train)}
 
 
-def train_backbone(rm, train, steps, pad_id, opt, sched, autocast, args, t_start) -> list[dict]:
+def train_backbone(rm, train, steps, pad_id, autocast, args, t_start) -> list[dict]:
     """The Bradley-Terry loop: one optimiser step per planned batch of pairs."""
+    opt, sched = common.make_optimizer(rm, args, len(steps))
     log = []
     for step, (rows,) in enumerate(steps):
         batch = data.collate_pairs([train[i] for i in rows], pad_id)
@@ -304,7 +305,7 @@ def main(argv=None):
     train_pairs, held_out = split_pairs(pairs, args.train_pairs, args.eval_pairs, args.seed)
     train, tok_stats = data.tokenize_pairs(tok, train_pairs, args.max_len, args.template)
     lengths = [data.example_length(e) for e in train]
-    steps = common.plan_steps(lengths, args, world=1)
+    steps = common.plan_steps(lengths, args, world=1) if args.train_layers != 0 else []  # head only: no steps
 
     rm = init_reward_model(args.ckpt, tok, args.layers)
     device = next(rm.parameters()).device
@@ -317,7 +318,6 @@ def main(argv=None):
     elif args.train_layers is not None:
         freeze_lower(rm, args.train_layers)
     rm.train()
-    opt, sched = common.make_optimizer(rm, args, len(steps))
     n_train = sum(p.numel() for p in rm.parameters() if p.requires_grad)
     config = {**vars(args), "data_stats": load_stats, "tokenize_stats": tok_stats, "steps": len(steps),
               "trainable_params": n_train, "total_params": sum(p.numel() for p in rm.parameters()),
@@ -332,7 +332,7 @@ def main(argv=None):
         print(f"head fitted: loss {log[0]['loss']:.4f} training accuracy {log[0]['rewards/accuracies']:.3f} "
               f"({time.time() - t_start:.0f}s)", flush=True)
     if args.train_layers != 0:
-        log += train_backbone(rm, train, steps, tok.pad_id, opt, sched, autocast, args, t_start)
+        log += train_backbone(rm, train, steps, tok.pad_id, autocast, args, t_start)
 
     if args.lora_rank > 0:
         model_lib.merge_lora(rm)
