@@ -199,8 +199,15 @@ def return_freed_memory():
     training scripts call this only with --grad-checkpointing, the option
     that already asks for memory over speed.
     Nothing happens on other C libraries; the environment variable
-    MALLOC_MMAP_THRESHOLD_ overrides it."""
-    if sys.platform != "linux" or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+    MALLOC_MMAP_THRESHOLD_ overrides it.
+
+    Faster, and as small: THP_MEM_ALLOC_ENABLE=1 in the environment before
+    Python starts makes PyTorch place every tensor of 2 MiB or more on 2 MiB
+    pages (transparent huge pages), 512 times fewer page faults; glibc's
+    default heap then stays compact enough, so nothing is changed here.
+    Measured with bench/bench_dpo.py (path fast-gc-thp; README)."""
+    if sys.platform != "linux" or "MALLOC_MMAP_THRESHOLD_" in os.environ \
+            or os.environ.get("THP_MEM_ALLOC_ENABLE") == "1":
         return
     try:
         libc = ctypes.CDLL("libc.so.6")

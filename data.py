@@ -485,10 +485,10 @@ def tokenize_pairs(tok, pairs, max_len, template=None):
 
 
 def example_length(ex) -> int:
-    """Longest sequence an example puts in a batch (a pair: prompt + longer answer)."""
+    """Tokens an example puts in a batch row (a pair: prompt + both answers + 1, see collate_pairs)."""
     if "input_ids" in ex:
         return len(ex["input_ids"])
-    return len(ex["prompt_ids"]) + max(len(ex["chosen_ids"]), len(ex["rejected_ids"]))
+    return len(ex["prompt_ids"]) + len(ex["chosen_ids"]) + len(ex["rejected_ids"]) + 1
 
 
 # ----------------------------------------------------------------------------
@@ -527,16 +527,35 @@ def collate_sft(examples, pad_id):
 
 
 def collate_pairs(examples, pad_id):
-    """B pairs -> one batch of 2B rows, chosen rows 0..B-1 then rejected rows
-    B..2B-1, so both answers go through the model in a single forward pass."""
+    """B pairs -> one batch of B rows, each pair in one row that runs its prompt once:
+
+        [ prompt[:-1] | prompt[-1] chosen | prompt[-1] rejected ]
+          segment 0     segment 1           segment 2
+
+    Given `segments`, the model lets each branch see the shared part and itself
+    only (model.positions_and_mask), so branch k computes exactly what
+    prompt + answer k would alone. The prompt's last token starts each branch
+    because it predicts the answer's first token. loss_mask marks both answers;
+    chosen_mask / rejected_mask [B, T-1] pick each answer's shifted log-probs
+    (as losses.response_token_logps returns them).
+    """
     import torch
 
-    seqs = [e["prompt_ids"] + e["chosen_ids"] for e in examples] + \
-           [e["prompt_ids"] + e["rejected_ids"] for e in examples]
-    n_prompts = [len(e["prompt_ids"]) for e in examples] * 2
-    batch = _pad(seqs, n_prompts, pad_id)
-    batch["index"] = torch.tensor([e["index"] for e in examples])
-    return batch
+    ids, segs, trained = [], [], []
+    for e in examples:
+        p, c, r = e["prompt_ids"], e["chosen_ids"], e["rejected_ids"]
+        if not p:
+            raise ValueError(f"pair {e['index']}: empty prompt; a branch needs the prompt's last token")
+        ids.append(p + c + p[-1:] + r)
+        segs.append([0] * (len(p) - 1) + [1] * (1 + len(c)) + [2] * (1 + len(r)))
+        trained.append([0] * len(p) + [1] * len(c) + [0] + [1] * len(r))
+    input_ids, att = right_pad(ids, pad_id)
+    segments, _ = right_pad(segs, -1)  # -1 at padding
+    loss_mask = right_pad(trained, 0)[0].bool()
+    return {"input_ids": input_ids, "attention_mask": att, "loss_mask": loss_mask, "segments": segments,
+            "chosen_mask": loss_mask[:, 1:] & (segments[:, 1:] == 1),
+            "rejected_mask": loss_mask[:, 1:] & (segments[:, 1:] == 2),
+            "index": torch.tensor([e["index"] for e in examples])}
 
 
 def length_grouped_batches(lengths, batch_size, seed, epoch, group=64):
@@ -607,9 +626,16 @@ def show(argv=None):
           + render_masked(tok, tok.encode("masked"), [0] * 8, color) + " = masked\n")
     for row in range(batch["input_ids"].shape[0]):
         n = int(batch["attention_mask"][row].sum())
-        kind = ("chosen" if row < len(batch["index"]) else "rejected") if prefs else "example"
-        print(f"--- {kind} #{row % len(batch['index'])}: {n} tokens, {int(batch['loss_mask'][row].sum())} trained")
-        print(render_masked(tok, batch["input_ids"][row, :n].tolist(), batch["loss_mask"][row, :n].tolist(), color))
+        ids, trained = batch["input_ids"][row, :n].tolist(), batch["loss_mask"][row, :n].tolist()
+        print(f"--- {'pair' if prefs else 'example'} #{row}: {n} tokens, {sum(trained)} trained")
+        if not prefs:
+            print(render_masked(tok, ids, trained, color) + "\n")
+            continue
+        # one row per pair (collate_pairs): show the shared prompt, then each branch on its own line
+        seg = batch["segments"][row, :n].tolist()
+        for k, name in ((0, "prompt"), (1, "chosen branch"), (2, "rejected branch")):
+            part = [i for i in range(n) if seg[i] == k]
+            print(f"[{name}] " + render_masked(tok, [ids[i] for i in part], [trained[i] for i in part], color))
         print()
 
 

@@ -16,10 +16,11 @@ The reference model, three ways (--ref):
                         policy with its adapters switched off (model.lora_disabled).
   --reference-free      no reference at all (the ref log-probs are 0).
 
-Speed on a CPU: chosen and rejected rows go through the model in ONE forward
-pass ([2B, T], data.collate_pairs), batches are length-grouped, and the
-log-probs come from the hidden states chunk by chunk (--logprob-impl chunked,
-the default off GPU) so the [2B, T, V] logits never exist.
+Speed on a CPU: each pair is one row [prompt | chosen | rejected] in which
+both answers branch off a prompt computed once (data.collate_pairs), padding
+is skipped by the model, batches are length-grouped, and the log-probs come
+from the hidden states chunk by chunk (--logprob-impl chunked, the default off
+GPU) so the [B, T, V] logits never exist.
 
 Learning rate: the paper's 5e-7 is for 7B models and thousands of steps. A
 demo run here is tens of steps, so the default is 5e-6 (full fine-tuning):
@@ -55,14 +56,15 @@ def build_parser():
 
 
 def pair_logps(net, weight, batch, device, args):
-    """Log-probs of both answers under `net`, from one forward pass over [2B, T].
-    Returns chosen [B], rejected [B] (summed over answer tokens; averaged for IPO)."""
-    ids, att, mask = (batch[k].to(device) for k in ("input_ids", "attention_mask", "loss_mask"))
-    hidden = net(ids, att, return_hidden=True)  # [2B, T, H]
-    logps = losses.sequence_logps_from_hidden(hidden, weight, ids, mask, average=args.loss == "ipo",
-                                              impl=args.logprob_impl)  # [2B]
-    B = len(batch["index"])
-    return logps[:B], logps[B:]
+    """Log-probs of both answers under `net`, from one forward pass over the
+    pair rows [B, T] (data.collate_pairs: each prompt runs once, its two
+    answers branch off it). Returns chosen [B], rejected [B] (summed over
+    answer tokens; averaged for IPO)."""
+    ids, att, mask, segments = (batch[k].to(device) for k in ("input_ids", "attention_mask", "loss_mask", "segments"))
+    hidden = net(ids, att, return_hidden=True, segments=segments)  # [B, T, H]
+    per_token = losses.response_token_logps(hidden, weight, ids, mask, impl=args.logprob_impl)  # [B, T-1]
+    return tuple(losses.reduce_sequence(per_token, batch[k].to(device), average=args.loss == "ipo")
+                 for k in ("chosen_mask", "rejected_mask"))
 
 
 @torch.no_grad()
@@ -168,7 +170,7 @@ def main(argv=None):
                     ref_chosen = ref_rejected = None
                 # answer tokens of each chosen row (its log-prob is already a per-token mean for IPO)
                 chosen_tokens = torch.ones_like(chosen) if args.loss == "ipo" else \
-                    batch["loss_mask"][:len(mine), 1:].sum(-1).to(chosen)
+                    batch["chosen_mask"].sum(-1).to(chosen)
                 pair_losses, metrics = losses.dpo_loss(
                     chosen, rejected, ref_chosen, ref_rejected, args.beta, args.loss, args.label_smoothing,
                     reference_free=args.reference_free, nll_weight=args.nll_weight,

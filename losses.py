@@ -55,9 +55,10 @@ def token_logps(logits, labels, loss_mask):
     return torch.where(mask, picked, 0.0)
 
 
-def _reduce_sequence(token_logps, token_mask, average):
-    """[B, T-1] -> [B]: sum over the response, or mean over its tokens."""
-    total = token_logps.sum(-1)
+def reduce_sequence(token_logps, token_mask, average=False):
+    """[B, T-1] -> [B]: sum over the tokens token_mask marks, or their mean.
+    (A pair row holds two answers: each has its own mask, data.collate_pairs.)"""
+    total = torch.where(token_mask, token_logps, 0.0).sum(-1)
     if not average:
         return total
     return total / token_mask.sum(-1).clamp(min=1)
@@ -76,7 +77,7 @@ def sequence_logps(logits, labels, loss_mask, average=False):
     Args: logits [B, T, V], labels [B, T], loss_mask [B, T] bool.
     Returns: [B].
     """
-    return _reduce_sequence(token_logps(logits, labels, loss_mask), loss_mask[:, 1:], average)
+    return reduce_sequence(token_logps(logits, labels, loss_mask), loss_mask[:, 1:].bool(), average)
 
 
 def _triton_available():
@@ -159,7 +160,7 @@ def sequence_logps_from_hidden(hidden, weight, labels, loss_mask, average=False,
     Returns: [B], summed (or averaged, average=True) over response tokens.
     """
     per_token = response_token_logps(hidden, weight, labels, loss_mask, impl, chunk_size)
-    return _reduce_sequence(per_token, loss_mask[:, 1:], average)
+    return reduce_sequence(per_token, loss_mask[:, 1:].bool(), average)
 
 
 # ----------------------------------------------------------------------------- SFT

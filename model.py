@@ -222,8 +222,11 @@ class Llama(nn.Module):
         """[V, H]; the embedding matrix itself when the head is tied."""
         return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
 
-    def forward(self, input_ids, attention_mask=None, return_hidden=False, cache=None, start=0):
+    def forward(self, input_ids, attention_mask=None, return_hidden=False, cache=None, start=0, segments=None):
         """input_ids [B, T], attention_mask [B, T] (1 = token, 0 = padding, either side).
+        segments [B, T] (optional, no cache): several answers to one prompt in one
+        row, prompt first (segment 0), then each answer as a branch (1, 2, ...)
+        that sees the prompt and itself only (see positions_and_mask).
 
         Returns logits [B, T, V], or with return_hidden the final-norm hidden states
         [B, T, H] (the loss code turns those into log-probs without full logits).
@@ -235,12 +238,14 @@ class Llama(nn.Module):
         B, T = input_ids.shape
         rows = None
         if cache is not None:
+            if segments is not None:
+                raise ValueError("segments (shared-prompt rows) work without a KV cache only")
             positions, mask = cache.positions_and_mask(start, T, attention_mask)
         else:
             if attention_mask is None:
                 attention_mask = torch.ones_like(input_ids)
             valid = attention_mask.bool()
-            positions, mask = positions_and_mask(valid)
+            positions, mask = positions_and_mask(valid, segments)
             if not valid.all():
                 # Padding: every layer but the attention runs on the N real tokens
                 # alone ([N, H] instead of [B, T, H]), so padding costs no matmuls.
@@ -265,29 +270,43 @@ class Llama(nn.Module):
             return self.score(h)  # [B, T, num_labels]
         return F.linear(h, self.lm_head_weight)
 
-    def reward_features(self, input_ids, attention_mask):
-        """[B, H]: the final-norm hidden state at each row's last real token
-        (right padding), the one vector the score head reads."""
-        hidden = self(input_ids, attention_mask, return_hidden=True)  # [B, T, H]
-        last = attention_mask.long().cumsum(-1).argmax(-1)  # index of the last 1 in each row
-        return hidden[torch.arange(len(hidden), device=hidden.device), last]
+    def reward_features(self, input_ids, attention_mask, segments=None):
+        """The one vector per sequence the score head reads: the final-norm
+        hidden state at the sequence's last token. [B, H]: each row's last real
+        token (right padding). With segments (a pair batch, data.collate_pairs):
+        [B, 2, H], the last token of branch 1 (chosen) and of branch 2 (rejected)."""
+        hidden = self(input_ids, attention_mask, return_hidden=True, segments=segments)  # [B, T, H]
+        ends = [attention_mask.bool()] if segments is None else [segments == 1, segments == 2]
+        last = torch.stack([m.long().cumsum(-1).argmax(-1) for m in ends], 1)  # [B, 1 or 2]: index of the last True
+        feats = hidden.gather(1, last[..., None].expand(-1, -1, hidden.shape[-1]))
+        return feats[:, 0] if segments is None else feats
 
-    def reward(self, input_ids, attention_mask):
-        """Scalar reward [B]: the score head on `reward_features`."""
-        return self.score(self.reward_features(input_ids, attention_mask))[:, 0]
+    def reward(self, input_ids, attention_mask, segments=None):
+        """Scalar rewards: the score head on `reward_features`. [B], or [B, 2] with segments."""
+        return self.score(self.reward_features(input_ids, attention_mask, segments))[..., 0]
 
 
-def positions_and_mask(valid: torch.Tensor):
+def positions_and_mask(valid: torch.Tensor, segments: torch.Tensor | None = None):
     """valid [B, T] bool -> positions [B, T] and attention mask [B, 1, T, T].
 
-    Positions count real tokens only, so a left-padded row gets the same
-    positions as the unpadded one. A query may see earlier real keys; padding
-    queries see themselves, so no softmax row is empty (their outputs are unused).
+    A query may see earlier real keys, and its position is the number of real
+    keys it sees before itself: a left-padded row gets the same positions as
+    the unpadded one. Padding queries see themselves, so no softmax row is
+    empty (their outputs are unused).
+
+    segments [B, T]: a shared prefix (0) followed by branches (1, 2, ...). A
+    branch token sees the prefix and the earlier tokens of its own branch,
+    nothing of the other branches, so each branch computes exactly what the
+    sequence prefix + branch would alone, positions included. A DPO row
+    [prompt | chosen | rejected] (data.collate_pairs) thus runs the prompt once.
     """
     T = valid.shape[1]
-    positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
     causal = torch.ones(T, T, dtype=torch.bool, device=valid.device).tril()
-    mask = causal[None] & valid[:, None, :]
+    mask = causal[None] & valid[:, None, :]  # [B, query, key]
+    if segments is not None:
+        key_seg, query_seg = segments[:, None, :], segments[:, :, None]
+        mask = mask & ((key_seg == 0) | (key_seg == query_seg))
+    positions = (mask.sum(-1) - 1).clamp(min=0)  # real keys seen (itself included) - 1
     mask = mask | torch.eye(T, dtype=torch.bool, device=valid.device)[None]
     return positions, mask[:, None]
 

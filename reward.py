@@ -243,9 +243,9 @@ def fit_head(rm, train, pad_id, l2: float, batch_size: int, autocast) -> dict:
         for s in tqdm(range(0, len(order), batch_size), desc="features", file=sys.stderr):
             batch = data.collate_pairs([train[i] for i in order[s:s + batch_size]], pad_id)
             with autocast:
-                f = rm.reward_features(batch["input_ids"], batch["attention_mask"])  # [2B, H]
-            feats.append(f.double().view(2, -1, f.shape[-1]))  # chosen rows, then rejected
-    chosen, rejected = torch.cat(feats, 1)  # [N, H] each, in `order`
+                f = rm.reward_features(batch["input_ids"], batch["attention_mask"], batch["segments"])  # [B, 2, H]
+            feats.append(f.double())
+    chosen, rejected = torch.cat(feats).unbind(1)  # [N, H] each, in `order`
     spread = torch.cat([chosen, rejected]).std(0).clamp_min(1e-6)
     diff = (chosen - rejected) / spread
     w = torch.zeros(diff.shape[1], dtype=torch.float64, requires_grad=True)
@@ -273,8 +273,8 @@ def train_backbone(rm, train, steps, pad_id, autocast, args, t_start) -> list[di
     for step, (rows,) in enumerate(steps):
         batch = data.collate_pairs([train[i] for i in rows], pad_id)
         with autocast:
-            rewards = rm.reward(batch["input_ids"], batch["attention_mask"])  # [2B]: chosen rows, then rejected
-        loss, metrics = losses.reward_loss(rewards[:len(rows)].float(), rewards[len(rows):].float())
+            rewards = rm.reward(batch["input_ids"], batch["attention_mask"], batch["segments"])  # [B, 2]
+        loss, metrics = losses.reward_loss(rewards[:, 0].float(), rewards[:, 1].float())
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(rm.parameters(), args.max_grad_norm or float("inf"))
         lr = sched.get_last_lr()[0]

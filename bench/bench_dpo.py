@@ -6,24 +6,27 @@ measured in the same run.
 
   fast   --ref precompute: reference log-probs computed once beforehand (timed
          separately, it is a one-off pass over the data), then per step one
-         policy forward over chosen+rejected [2B, T] and chunked log-probs
-         from the hidden states (no [2B, T, V] logits). fp32.
+         policy forward over the pair rows [B, T] (data.collate_pairs: each
+         prompt computed once, both answers branch off it) and chunked
+         log-probs from the hidden states (no [B, T, V] logits). fp32.
   fast-gc  the same with --grad-checkpointing (activations recomputed in
          backward: the activation memory of 30 layers is most of the peak),
          which also sets glibc to return freed memory (common.return_freed_memory).
-  fast-gc-heap  checkpointing with glibc's default allocator: faster (no page
-         faults for every fresh tensor), more memory (a fragmented heap).
+  fast-gc-thp  checkpointing with THP_MEM_ALLOC_ENABLE=1 (PyTorch puts
+         tensors of 2 MiB or more on transparent huge pages: far fewer page
+         faults) and glibc's default allocator; the variable must be set before
+         Python starts, so this path's process gets it in its environment.
   fast-bf16  the fast path under bf16 autocast (`--dtype bf16`: fp32 master
          weights and optimiser, bf16 matmuls), fast where the CPU has bf16
          instructions (AVX512-BF16 / AMX); skipped elsewhere, as is
          trl-defaults: emulated bf16 takes minutes a step.
-  naive  a frozen reference copy runs every step, and both models produce full
-         logits [2B, T, V] for log_softmax + gather. fp32.
+  naive  a frozen reference copy runs every step over separate rows
+         (prompt + chosen, prompt + rejected: [2B, T]), and both models produce
+         full logits [2B, T, V] for log_softmax + gather. fp32.
   trl    (--trl) TRL's DPOTrainer on the same pairs, fp32, no checkpointing;
   trl-defaults  the same with DPOConfig's defaults (bf16, gradient checkpointing);
-  trl-gc-malloc  fp32, gradient checkpointing, and the glibc setting our
-         scripts make (common.return_freed_memory): how much of our memory
-         gain TRL would get from the allocator setting alone.
+  trl-gc-thp  fp32, gradient checkpointing and THP_MEM_ALLOC_ENABLE=1: TRL
+         with the settings of fast-gc-thp, the like-for-like rival.
 
 Our paths run as dpo.py does: the optimiser from common.make_optimizer (fused
 AdamW), padding skipped by the model (it computes on the real tokens only), and
@@ -37,6 +40,7 @@ Run nothing else meanwhile: two busy processes on 2 cores slow both many times o
 import argparse
 import copy
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -50,19 +54,32 @@ sys.path.insert(0, str(ROOT))
 PKU = ROOT.parent / "shared" / "data" / "pku_saferlhf_pairs.jsonl"
 
 
-PATHS = ("fast", "fast-gc", "fast-gc-heap", "fast-bf16", "naive")
-TRL_PATHS = ("trl", "trl-defaults", "trl-gc-malloc")
+PATHS = ("fast", "fast-gc", "fast-gc-thp", "fast-bf16", "naive")
+TRL_PATHS = ("trl", "trl-defaults", "trl-gc-thp")
 BF16_PATHS = ("fast-bf16", "trl-defaults")  # run only where the CPU multiplies bf16 natively
 
 
-def batch_of_pairs(tok, n, max_len):
-    """The n longest pairs that fit max_len (real data if present, else the demo set)."""
+def longest_pairs(tok, n, max_len):
+    """The n pairs with the longest answers that fit max_len (real data if
+    present, else the demo set), tokenised."""
     import data
 
     source = PKU if PKU.is_file() else ROOT / "demo_data" / "prefs_train.jsonl"
     train, _ = data.tokenize_pairs(tok, data.load_preferences(source)[:2000], max_len)
-    train = sorted(train, key=data.example_length, reverse=True)[:n]
-    return data.collate_pairs(train, tok.pad_id), str(source)
+    return sorted(train, key=answer_length, reverse=True)[:n], str(source)
+
+
+def answer_length(ex):
+    """The longer of the two sequences prompt + answer (each must fit max_len)."""
+    return len(ex["prompt_ids"]) + max(len(ex["chosen_ids"]), len(ex["rejected_ids"]))
+
+
+def separate_rows(examples, pad_id):
+    """The naive layout: [2B, T], prompt + chosen rows, then prompt + rejected rows."""
+    import data
+
+    return data.collate_sft([{"input_ids": e["prompt_ids"] + e[k], "n_prompt": len(e["prompt_ids"]), "index": 0}
+                             for k in ("chosen_ids", "rejected_ids") for e in examples], pad_id)
 
 
 def run_trl(path, n_pairs, max_len, steps):
@@ -70,8 +87,8 @@ def run_trl(path, n_pairs, max_len, steps):
     <|im_end|>), max_length 256, a frozen reference copy. `trl`: fp32, no gradient
     checkpointing (our fast path's settings); `trl-defaults`: DPOConfig's own
     defaults on this machine (bf16 and gradient checkpointing on);
-    `trl-gc-malloc`: fp32 with gradient checkpointing and our glibc setting
-    (common.return_freed_memory), the like-for-like rival of fast-gc."""
+    `trl-gc-thp`: fp32 with gradient checkpointing, run with
+    THP_MEM_ALLOC_ENABLE=1, the like-for-like rival of fast-gc-thp."""
     import time as _time
 
     import datasets
@@ -82,15 +99,11 @@ def run_trl(path, n_pairs, max_len, steps):
     import data
     import model as model_lib
 
-    if path == "trl-gc-malloc":
-        import common
-        common.return_freed_memory()
     torch.manual_seed(0)
     tok = data.load_tokenizer(None)
-    _, source = batch_of_pairs(tok, n_pairs, max_len)
+    examples, source = longest_pairs(tok, n_pairs, max_len)
     pairs = data.load_preferences(source)[:2000]
-    train, _ = data.tokenize_pairs(tok, pairs, max_len)
-    chosen_pairs = [pairs[ex["index"]] for ex in sorted(train, key=data.example_length, reverse=True)[:n_pairs]]
+    chosen_pairs = [pairs[ex["index"]] for ex in examples]
     end = data.TEMPLATES[tok.template]["end"]
     ds = datasets.Dataset.from_list([{"prompt": data.render_prompt(tok, p["prompt"]),
                                       "chosen": p["chosen"].strip() + end,
@@ -99,7 +112,7 @@ def run_trl(path, n_pairs, max_len, steps):
     hf_tok = transformers.AutoTokenizer.from_pretrained(ckpt)
     policy = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
     settings = {"trl": {"bf16": False, "gradient_checkpointing": False}, "trl-defaults": {},
-                "trl-gc-malloc": {"bf16": False, "gradient_checkpointing": True}}[path]
+                "trl-gc-thp": {"bf16": False, "gradient_checkpointing": True}}[path]
     cfg = trl.DPOConfig(output_dir="/tmp/bench_dpo_trl", per_device_train_batch_size=n_pairs, max_steps=steps,
                         learning_rate=5e-6, beta=0.1, max_length=max_len, logging_steps=1, report_to="none",
                         save_strategy="no", use_cpu=True, dataloader_num_workers=0, lr_scheduler_type="constant",
@@ -143,9 +156,18 @@ def run_path(path, n_pairs, max_len, steps):
         common.return_freed_memory()  # as dpo.py does with --grad-checkpointing (common.Run)
     torch.manual_seed(0)
     tok = data.load_tokenizer(None)
-    batch, source = batch_of_pairs(tok, n_pairs, max_len)
+    examples, source = longest_pairs(tok, n_pairs, max_len)
+    naive_batch = separate_rows(examples, tok.pad_id)  # [2B, T]
+    batch = data.collate_pairs(examples, tok.pad_id)  # [B, T'] pair rows, as dpo.py takes them
+    if path == "naive":
+        batch = naive_batch
     ids, att, mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
     B = n_pairs
+
+    def logps_fast():  # as dpo.pair_logps: one row per pair, the prompt computed once
+        hidden = policy(ids, att, return_hidden=True, segments=batch["segments"])
+        per_token = losses.response_token_logps(hidden, policy.lm_head_weight, ids, mask, impl="chunked")
+        return torch.cat([losses.reduce_sequence(per_token, batch[k]) for k in ("chosen_mask", "rejected_mask")])
     policy = model_lib.load_model(None, dtype=torch.float32).train()
     policy.gradient_checkpointing = path.startswith("fast-gc")
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=path == "fast-bf16")
@@ -154,8 +176,7 @@ def run_path(path, n_pairs, max_len, steps):
     if path != "naive":
         t0 = time.perf_counter()
         with torch.no_grad(), autocast:
-            ref = losses.sequence_logps_from_hidden(policy(ids, att, return_hidden=True), policy.lm_head_weight,
-                                                    ids, mask, impl="chunked")  # [2B], computed once
+            ref = logps_fast()  # [2B], computed once
         ref_seconds = time.perf_counter() - t0
     else:
         ref_model = copy.deepcopy(policy).eval().requires_grad_(False)
@@ -165,8 +186,7 @@ def run_path(path, n_pairs, max_len, steps):
         t0 = time.perf_counter()
         if path != "naive":
             with autocast:
-                hidden = policy(ids, att, return_hidden=True)  # [2B, T, H]
-                logps = losses.sequence_logps_from_hidden(hidden, policy.lm_head_weight, ids, mask, impl="chunked")
+                logps = logps_fast()  # [2B]: chosen, then rejected
             ref_logps = ref
         else:
             with torch.no_grad():
@@ -182,9 +202,9 @@ def run_path(path, n_pairs, max_len, steps):
         step_losses.append(loss.item())
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"path": path, "s_per_step": statistics.median(times), "times": times,
-            "tokens_per_s": int(att.sum()) / statistics.median(times), "peak_rss_gb": peak_kb / 2**20,
-            "losses": step_losses, "ref_seconds": ref_seconds, "shape": list(ids.shape), "data": source,
-            "threads": torch.get_num_threads()}
+            "tokens_per_s": int(naive_batch["attention_mask"].sum()) / statistics.median(times),
+            "peak_rss_gb": peak_kb / 2**20, "losses": step_losses, "ref_seconds": ref_seconds,
+            "shape": list(ids.shape), "real_tokens": int(att.sum()), "data": source, "threads": torch.get_num_threads()}
 
 
 def main():
@@ -207,8 +227,9 @@ def main():
         if path in BF16_PATHS and not common.native_bf16(torch.device("cpu")):
             print(f"{path}: skipped, this CPU has no native bf16 (emulated, it takes minutes a step)")
             continue
+        env = dict(os.environ, THP_MEM_ALLOC_ENABLE="1" if path.endswith("-thp") else "0")
         out = subprocess.run([sys.executable, __file__, "--path", path, "--pairs", str(a.pairs), "--max-len",
-                              str(a.max_len), "--steps", str(a.steps)], capture_output=True, text=True)
+                              str(a.max_len), "--steps", str(a.steps)], capture_output=True, text=True, env=env)
         if out.returncode:
             print(f"path {path} failed:\n{out.stderr[-3000:]}", file=sys.stderr)
             if path in TRL_PATHS:
@@ -216,7 +237,9 @@ def main():
             sys.exit(1)
         res[path] = json.loads(out.stdout.strip().splitlines()[-1])
     f, n = res["fast"], res["naive"]
-    print(f"batch: {a.pairs} pairs -> input [2B, T] = {f['shape']} from {f['data']}, {f['threads']} threads")
+    print(f"batch: {a.pairs} pairs from {f['data']}, {f['threads']} threads: naive rows [2B, T] = {n['shape']} "
+          f"({n['real_tokens']} real tokens); pair rows [B, T] = {f['shape']} ({f['real_tokens']} real tokens: "
+          "each prompt once); tokens/s counts the naive rows' real tokens for every path")
     for r in res.values():
         print(f"{r['path']:>12}: {r['s_per_step']:5.2f} s/step (steps {', '.join(f'{t:.2f}' for t in r['times'])}), "
               f"{r['tokens_per_s']:4.0f} tokens/s, peak RSS {r['peak_rss_gb']:.2f} GB {r.get('settings', '')}")
@@ -227,7 +250,7 @@ def main():
         print(f"{p:>12}: " + "; ".join(f"vs {bn}: {b['s_per_step'] / r['s_per_step']:.2f}x faster, "
                                        f"{r['peak_rss_gb'] / b['peak_rss_gb']:.2f} of its memory"
                                        for bn, b in baselines))
-    diff = max(abs(res[p]["losses"][0] - n["losses"][0]) for p in ("fast", "fast-gc", "fast-gc-heap"))
+    diff = max(abs(res[p]["losses"][0] - n["losses"][0]) for p in ("fast", "fast-gc", "fast-gc-thp"))
     print("first-step loss: " + " ".join(f"{p} {r['losses'][0]:.6f}" for p, r in res.items())
           + f" (fast vs naive max |diff| {diff:.2e})")
     if diff > 1e-4:

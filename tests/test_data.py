@@ -103,7 +103,7 @@ def test_truncation_cuts_prompt_from_left_keeps_answer_and_counts_drops(tok):
     ex = out[0]
     assert ex["prompt_ids"] == full[-len(ex["prompt_ids"]):]  # the end of the prompt is kept
     assert ex["chosen_ids"] == data.encode_response(tok, pairs[0]["chosen"])
-    assert data.example_length(ex) == 40
+    assert len(ex["prompt_ids"]) + len(ex["chosen_ids"]) == 40  # the longer answer's sequence fills max_len
 
 
 @pytest.mark.skipif(not (SHARED / "tokenizers" / "llama2_tokenizer.model").is_file(), reason="../shared/data absent")
@@ -114,16 +114,24 @@ def test_truncation_keeps_the_single_bos():
     assert len(ids) == 30 and ids[0] == sp.bos_id and ids.count(sp.bos_id) == 1 and ids[-1] == sp.eos_id
 
 
-def test_pairs_collate_chosen_then_rejected(tok):
+def test_pairs_collate_one_row_per_pair_with_both_answers_branching_off_the_prompt(tok):
     pairs = [{"prompt": "Hi", "chosen": "A", "rejected": "B B B"}, {"prompt": "What is it?", "chosen": "A", "rejected": "B"}]
     ex, _ = data.tokenize_pairs(tok, pairs, 64)
     batch = data.collate_pairs(ex, tok.pad_id)
-    assert batch["input_ids"].shape[0] == 4 and batch["index"].tolist() == [0, 1]
-    for row, (e, key) in enumerate([(ex[0], "chosen_ids"), (ex[1], "chosen_ids"),
-                                    (ex[0], "rejected_ids"), (ex[1], "rejected_ids")]):
-        seq = e["prompt_ids"] + e[key]
-        assert batch["input_ids"][row, :len(seq)].tolist() == seq
-        assert batch["loss_mask"][row].sum() == len(e[key])
+    assert batch["input_ids"].shape[0] == 2 and batch["index"].tolist() == [0, 1]
+    for row, e in enumerate(ex):
+        p, c, r = e["prompt_ids"], e["chosen_ids"], e["rejected_ids"]
+        n = len(p) + len(c) + 1 + len(r)
+        assert data.example_length(e) == n == batch["attention_mask"][row].sum()
+        assert batch["input_ids"][row, :n].tolist() == p + c + p[-1:] + r
+        assert batch["segments"][row, :n].tolist() == [0] * (len(p) - 1) + [1] * (1 + len(c)) + [2] * (1 + len(r))
+        # trained: the answers, not the prompt nor its copy that starts the rejected branch
+        assert batch["loss_mask"][row, :n].tolist() == [False] * len(p) + [True] * len(c) + [False] + [True] * len(r)
+        assert not batch["loss_mask"][row, n:].any()
+        # chosen_mask / rejected_mask are shifted by one (they index token_logps [B, T-1])
+        assert batch["chosen_mask"][row].sum() == len(c) and batch["rejected_mask"][row].sum() == len(r)
+        assert batch["input_ids"][row, 1:][batch["chosen_mask"][row]].tolist() == c
+        assert batch["input_ids"][row, 1:][batch["rejected_mask"][row]].tolist() == r
 
 
 def test_length_grouping_covers_everything_once_and_cuts_padding():

@@ -116,6 +116,35 @@ def test_padded_batch_trains_as_its_rows_alone(checkpointing):
         assert (p.grad - padded[n]).abs().max().item() < 1e-4 * max(1.0, padded[n].abs().max().item()), n
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_pair_rows_compute_each_answer_as_prompt_plus_answer_alone(checkpointing):
+    """data.collate_pairs puts [prompt | chosen | rejected] in one row; with
+    `segments` each answer's hidden states (positions included) and the
+    weight gradients equal those of prompt + answer run as separate rows."""
+    m = random_model(4).train()
+    m.gradient_checkpointing = checkpointing
+    g = torch.Generator().manual_seed(1)
+    ex = [{"prompt_ids": torch.randint(3, 320, (n,), generator=g).tolist(),
+           "chosen_ids": torch.randint(3, 320, (c,), generator=g).tolist(),
+           "rejected_ids": torch.randint(3, 320, (r,), generator=g).tolist(), "index": i}
+          for i, (n, c, r) in enumerate([(7, 5, 9), (1, 3, 2), (12, 10, 4)])]  # a one-token prompt too
+    batch = data.collate_pairs(ex, pad_id=0)
+    hidden = m(batch["input_ids"], batch["attention_mask"], return_hidden=True, segments=batch["segments"])
+    seg = batch["segments"]
+    hidden[batch["attention_mask"].bool()].sin().sum().backward()
+    packed = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    for row, e in enumerate(ex):
+        for k, key in ((1, "chosen_ids"), (2, "rejected_ids")):
+            alone = m(torch.tensor([e["prompt_ids"] + e[key]]), return_hidden=True)[0]  # [n + len, H]
+            mine = torch.cat([hidden[row, seg[row] == 0], hidden[row, seg[row] == k]])  # prompt[:-1], prompt[-1] + answer
+            assert (alone - mine).abs().max().item() < 1e-5, (row, key)
+            shared = len(e["prompt_ids"]) - 1  # run twice here, once in the pair row: half weight each time
+            (alone[shared:].sin().sum() + 0.5 * alone[:shared].sin().sum()).backward()
+    for n, p in m.named_parameters():
+        assert (p.grad - packed[n]).abs().max().item() < 1e-4 * max(1.0, packed[n].abs().max().item()), n
+
+
 def naive_greedy(m, ids, n, stop):
     """Recompute the whole sequence every step: the obvious twin of generate()."""
     out = []
@@ -244,3 +273,17 @@ def test_reward_head_reads_last_real_token(tmp_path):
         mine = ours.reward(ids, mask)
         ref = hf(input_ids=ids, attention_mask=mask).logits[:, 0]
     assert (mine - ref).abs().max().item() < 1e-4
+
+
+def test_reward_on_pair_rows_equals_each_answer_alone():
+    """With segments, the score is read at the last token of each branch."""
+    m = random_model(7, architectures=["LlamaForSequenceClassification"], num_labels=1)
+    ex = [{"prompt_ids": [5, 6, 7], "chosen_ids": [8, 9, 10, 11], "rejected_ids": [12], "index": 0},
+          {"prompt_ids": [13, 14], "chosen_ids": [15], "rejected_ids": [16, 17, 18], "index": 1}]
+    batch = data.collate_pairs(ex, pad_id=0)
+    with torch.no_grad():
+        pair = m.reward(batch["input_ids"], batch["attention_mask"], batch["segments"])  # [B, 2]
+        for row, e in enumerate(ex):
+            for k, key in enumerate(("chosen_ids", "rejected_ids")):
+                alone = m.reward(torch.tensor([e["prompt_ids"] + e[key]]), torch.ones(1, len(e["prompt_ids"]) + len(e[key])))
+                assert abs(pair[row, k].item() - alone.item()) < 1e-5
