@@ -20,7 +20,9 @@ Speed on a CPU: each pair is one row [prompt | chosen | rejected] in which
 both answers branch off a prompt computed once (data.collate_pairs), padding
 is skipped by the model, batches are length-grouped, and the log-probs come
 from the hidden states chunk by chunk (--logprob-impl chunked, the default off
-GPU) so the [B, T, V] logits never exist.
+GPU) so the [B, T, V] logits never exist. Least memory:
+`THP_MEM_ALLOC_ENABLE=1 python dpo.py --grad-checkpointing ...` (one step on
+4 PKU pairs: 0.33 of TRL's DPOTrainer's memory, 2.6x faster; README).
 
 Learning rate: the paper's 5e-7 is for 7B models and thousands of steps. A
 demo run here is tens of steps, so the default is 5e-6 (full fine-tuning):
