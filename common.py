@@ -56,7 +56,8 @@ def add_common_args(ap, lr: float):
     ap.add_argument("--dtype", choices=("fp32", "bf16", "auto"), default="fp32",
                     help="bf16 = autocast, fp32 master weights; auto = bf16 where the hardware has bf16 matmuls")
     ap.add_argument("--grad-checkpointing", action="store_true",
-                    help="recompute activations in backward (least memory; fastest that way when run as THP_MEM_ALLOC_ENABLE=1 python ..., see return_freed_memory)")
+                    help="recompute activations in backward (least memory; fastest that way when run as "
+                         "THP_MEM_ALLOC_ENABLE=1 python ..., see return_freed_memory)")
     ap.add_argument("--logprob-impl", choices=("auto", "naive", "chunked", "triton"), default="auto")
     ap.add_argument("--lora-rank", type=int, default=0, help="0 = full fine-tuning")
     ap.add_argument("--lora-alpha", type=float, default=16.0)

@@ -163,13 +163,14 @@ def run_path(path, n_pairs, max_len, steps):
         batch = naive_batch
     ids, att, mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
     B = n_pairs
+    policy = model_lib.load_model(None, dtype=torch.float32).train()
+    policy.gradient_checkpointing = path.startswith("fast-gc")
 
     def logps_fast():  # as dpo.pair_logps: one row per pair, the prompt computed once
         hidden = policy(ids, att, return_hidden=True, segments=batch["segments"])
         per_token = losses.response_token_logps(hidden, policy.lm_head_weight, ids, mask, impl="chunked")
         return torch.cat([losses.reduce_sequence(per_token, batch[k]) for k in ("chosen_mask", "rejected_mask")])
-    policy = model_lib.load_model(None, dtype=torch.float32).train()
-    policy.gradient_checkpointing = path.startswith("fast-gc")
+
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=path == "fast-bf16")
     opt, _ = common.make_optimizer(policy, SimpleNamespace(lr=5e-6, weight_decay=0.0, warmup_steps=0), steps)
     ref_seconds = 0.0
