@@ -1,6 +1,6 @@
 """The main job, end to end: make SmolLM2-135M-Instruct safe on a laptop CPU.
 
-    python pipeline.py                  # the full demo (about 25 minutes on 2 CPU cores)
+    python pipeline.py                  # the full demo (about 23 minutes on 2 CPU cores)
     python pipeline.py --quick          # a smoke run: a few steps and prompts per stage (CI)
 
 Stages, in order (each is the scripts' own command, called in-process; the
@@ -43,7 +43,7 @@ PAPER_BENCHMARKS = ["I-MaliciousInstructions.json", "I-CoNa.json", "I-Controvers
 
 # Minutes each stage took in the reference run on 2 CPU cores (README): the
 # time-left estimate scales these by how fast this machine has been so far.
-EXPECTED_MINUTES = {"baseline": 1.5, "sit": 6.1, "dpo": 11.4, "raft": 2.0, "eval": 3.9}
+EXPECTED_MINUTES = {"baseline": 1.6, "sit": 6.5, "dpo": 10.0, "raft": 1.6, "eval": 3.3}
 
 # Stage settings: (full run, --quick smoke run).
 SETTINGS = {
