@@ -27,14 +27,20 @@ a rule-based reward instead of a trained reward model.
 """
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
-import dpo
-import eval as evaluation
-import raft
-import sft
+# Set before torch loads (the stage scripts import it): PyTorch then puts
+# tensors of 2 MiB or more on transparent huge pages, far fewer page faults.
+# A 10-step SIT run here: 11% faster, 4% more memory. PyTorch reads it once.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+import dpo  # noqa: E402 (after the line above)
+import eval as evaluation  # noqa: E402
+import raft  # noqa: E402
+import sft  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 DEMO = ROOT / "demo_data"
