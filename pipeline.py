@@ -1,6 +1,6 @@
 """The main job, end to end: make SmolLM2-135M-Instruct safe on a laptop CPU.
 
-    python pipeline.py                  # the full demo (about 23 minutes on 2 CPU cores)
+    python pipeline.py                  # the full demo (about 21 minutes on 2 CPU cores)
     python pipeline.py --quick          # a smoke run: a few steps and prompts per stage (CI)
 
 Stages, in order (each is the scripts' own command, called in-process; the
@@ -49,7 +49,7 @@ PAPER_BENCHMARKS = ["I-MaliciousInstructions.json", "I-CoNa.json", "I-Controvers
 
 # Minutes each stage took in the reference run on 2 CPU cores (README): the
 # time-left estimate scales these by how fast this machine has been so far.
-EXPECTED_MINUTES = {"baseline": 1.6, "sit": 6.5, "dpo": 10.0, "raft": 1.6, "eval": 3.3}
+EXPECTED_MINUTES = {"baseline": 1.3, "sit": 5.9, "dpo": 8.4, "raft": 1.6, "eval": 3.3}
 
 # Stage settings: (full run, --quick smoke run).
 SETTINGS = {
