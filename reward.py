@@ -225,6 +225,31 @@ def freeze_lower(rm, train_layers: int):
             p.requires_grad_(True)
 
 
+def fit_logistic(x: torch.Tensor, l2: float, sign: torch.Tensor | None = None):
+    """Full-batch L-BFGS logistic regression on x [N, D] (float64):
+
+        min_{w, b}  mean_i softplus(-sign_i * (x_i . w + b)) + l2 * |w|^2
+
+    sign [N] is +1/-1 per row (a class label); without it every row is a
+    Bradley-Terry "first beats second" difference, the loss needs no bias and
+    b stays 0. -> (w [D], b) detached."""
+    w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros((), dtype=torch.float64, requires_grad=sign is not None)
+    opt = torch.optim.LBFGS([w, b] if sign is not None else [w], max_iter=500, tolerance_grad=1e-9,
+                            line_search_fn="strong_wolfe")
+
+    def objective():
+        opt.zero_grad()
+        logits = x @ w if sign is None else sign * (x @ w + b)
+        loss = F.softplus(-logits).mean() + l2 * w.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(objective)
+    return w.detach(), b.detach()
+
+
 def fit_head(rm, train, pad_id, l2: float, batch_size: int, autocast) -> dict:
     """--train-layers 0 (or --probe-first): the backbone is frozen, so each
     answer's feature f (Llama.reward_features: what the head reads) is computed
@@ -249,17 +274,7 @@ def fit_head(rm, train, pad_id, l2: float, batch_size: int, autocast) -> dict:
     chosen, rejected = torch.cat(feats).unbind(1)  # [N, H] each, in `order`
     spread = torch.cat([chosen, rejected]).std(0).clamp_min(1e-6)
     diff = (chosen - rejected) / spread
-    w = torch.zeros(diff.shape[1], dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([w], max_iter=500, tolerance_grad=1e-9, line_search_fn="strong_wolfe")
-
-    def objective():
-        opt.zero_grad()
-        loss = F.softplus(-(diff @ w)).mean() + l2 * w.pow(2).sum()
-        loss.backward()
-        return loss
-
-    opt.step(objective)
-    w = w.detach()
+    w, _ = fit_logistic(diff, l2)
     with torch.no_grad():
         rm.score.weight.copy_((w / spread).to(rm.score.weight.dtype)[None])
     margins = diff @ w

@@ -10,7 +10,7 @@ caught when at most 15% of the benign ones are (issue 7's over-refusal limit):
   probability that the answer's first token opens a refusal. The refusal
   openers are the first tokens of the chosen answers of harmful training pairs
   that open no chosen answer of a benign pair ("I", "Sorry", ...).
-- "knows": a linear probe (logistic regression, L-BFGS, L2) on the hidden
+- "knows": a linear probe (logistic regression, reward.fit_logistic) on the hidden
   state of the prompt's last token after decoder layer L, standardised, fitted
   on the training prompts (harmful or benign, from the pairs' `kind`) and
   scored on the held-out ones. The weights are frozen: this only reads them.
@@ -26,11 +26,11 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
 import model as model_lib  # noqa: E402
+import reward  # noqa: E402
 
 
 def auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
@@ -48,22 +48,10 @@ def caught_at(scores: torch.Tensor, labels: torch.Tensor, max_fpr: float = 0.15)
 
 
 def fit_probe(x: torch.Tensor, y: torch.Tensor, l2: float = 1e-2):
-    """Logistic regression on standardised x [N, H], labels y [N] bool -> scoring function."""
+    """Logistic regression (reward.fit_logistic) on standardised x [N, H], labels y [N] bool -> scoring function."""
     mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
-    z = ((x - mean) / std).double()
-    w = torch.zeros(z.shape[1], dtype=torch.float64, requires_grad=True)
-    b = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], max_iter=500, line_search_fn="strong_wolfe")
-
-    def objective():
-        opt.zero_grad()
-        loss = F.binary_cross_entropy_with_logits(z @ w + b, y.double()) + l2 * w.pow(2).sum()
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        opt.step(objective)
-    return lambda x_new: (((x_new - mean) / std).double() @ w + b).detach()
+    w, b = reward.fit_logistic(((x - mean) / std).double(), l2, sign=y.double() * 2 - 1)
+    return lambda x_new: ((x_new - mean) / std).double() @ w + b
 
 
 def refusal_openers(tok, pairs) -> list[int]:
@@ -113,21 +101,21 @@ def main(argv=None):
         if not isinstance(rec, dict) or rec.get("kind") not in ("harmful", "benign"):
             raise ValueError(f"{where}: field `kind` must be 'harmful' or 'benign'")
     pairs = [rec for _, rec in records]
+    train, held = read_prompts(pairs, args.harmful, args.benign)
+    y_train = torch.tensor([y for _, y in train])
+    y_held = torch.tensor([y for _, y in held])
     rows = []
     for ckpt in args.ckpt:
         model = model_lib.load_model(ckpt, dtype=torch.float32).eval()
         tok = data.load_tokenizer(ckpt)
         openers = refusal_openers(tok, pairs)
-        train, held = read_prompts(pairs, args.harmful, args.benign)
         h_train, p_train = prompt_states(model, tok, [q for q, _ in train], openers)
         h_held, p_held = prompt_states(model, tok, [q for q, _ in held], openers)
-        y_train = torch.tensor([y for _, y in train])
-        y_held = torch.tensor([y for _, y in held])
         row = {"checkpoint": ckpt, "acts": (auc(p_held, y_held), caught_at(p_held, y_held)),
                "acts_train": auc(p_train, y_train), "knows": {}}
         for layer in range(args.every - 1, h_train.shape[1], args.every):
-            score = fit_probe(h_train[:, layer], y_train)
-            row["knows"][layer + 1] = (auc(score(h_held[:, layer]), y_held), caught_at(score(h_held[:, layer]), y_held))
+            scores = fit_probe(h_train[:, layer], y_train)(h_held[:, layer])
+            row["knows"][layer + 1] = (auc(scores, y_held), caught_at(scores, y_held))
         best = max(row["knows"], key=lambda k: row["knows"][k])
         print(json.dumps(row), file=sys.stderr)
         rows.append((row, best))
