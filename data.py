@@ -243,12 +243,14 @@ def encode_prompt(tok: Tokenizer, prompt: str, template: str | None = None, inpu
     return ids
 
 
-def encode_response(tok: Tokenizer, response: str, template: str | None = None) -> list[int]:
-    """Answer text -> ids, closed by the template's end-of-turn token."""
+def encode_response(tok: Tokenizer, response: str, template: str | None = None, closed: bool = True) -> list[int]:
+    """Answer text -> ids, closed by the template's end-of-turn token (not
+    with closed=False: the text is an answer's opening, which goes on)."""
     end = TEMPLATES[template or tok.template]["end"]
     # sentencepiece adds its dummy-prefix space itself, which is the "▁" that
     # follows "[INST] ... [/INST]" or "### Response:" when the model generates.
-    return tok.encode(response.strip()) + [tok.special[end] if end in tok.special else tok.eos_id]
+    ids = tok.encode(response.strip())
+    return ids + [tok.special[end] if end in tok.special else tok.eos_id] if closed else ids
 
 
 # ----------------------------------------------------------------------------
@@ -467,13 +469,28 @@ def tokenize_sft(tok, examples, max_len, template=None):
     return out, stats
 
 
-def tokenize_pairs(tok, pairs, max_len, template=None):
+def tokenize_pairs(tok, pairs, max_len, template=None, opening_words=0):
     """[{prompt, chosen, rejected}] -> ([{"prompt_ids", "chosen_ids", "rejected_ids",
-    "index"}], stats). Both answers share one (possibly truncated) prompt."""
+    "index"}], stats). Both answers share one (possibly truncated) prompt.
+
+    opening_words > 0: each answer is cut to its first that many words and left
+    open (no end-of-turn token), so training sees only how answers begin (for a
+    safety pair: decline or help). Pairs whose openings are equal are dropped."""
     out, stats = [], {"pairs": len(pairs), "truncated_prompt": 0, "dropped_too_long": 0}
+    if opening_words:
+        stats["dropped_same_opening"] = 0
+
+    def answer(text):
+        if not opening_words:
+            return encode_response(tok, text, template)
+        return encode_response(tok, " ".join(text.split()[:opening_words]), template, closed=False)
+
     for i, pair in enumerate(pairs):
         p = encode_prompt(tok, pair["prompt"], template, pair.get("input", ""))
-        c, r = encode_response(tok, pair["chosen"], template), encode_response(tok, pair["rejected"], template)
+        c, r = answer(pair["chosen"]), answer(pair["rejected"])
+        if opening_words and c == r:
+            stats["dropped_same_opening"] += 1
+            continue
         fit = _fit_prompt(tok, p, max(len(c), len(r)), max_len)
         if fit is None:
             stats["dropped_too_long"] += 1

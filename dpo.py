@@ -54,6 +54,9 @@ def build_parser():
     ap.add_argument("--reference-free", action="store_true")
     ap.add_argument("--nll-weight", type=float, default=0.0,
                     help="alpha of an added NLL term on the chosen answers (RPO; TRL's rpo_alpha); 0 = plain DPO")
+    ap.add_argument("--opening-words", type=int, default=0,
+                    help="> 0: train on each answer's first N words only, left open (no end-of-turn token): "
+                         "the loss is then about how an answer begins (decline or help); 0 = whole answers")
     return ap
 
 
@@ -125,7 +128,7 @@ def main(argv=None):
     tok = data.load_tokenizer(args.ckpt, args.template)
     load_stats = {}
     pairs = [p for path in args.data for p in data.load_preferences(path, load_stats)]
-    train, tok_stats = data.tokenize_pairs(tok, pairs, args.max_len, args.template)
+    train, tok_stats = data.tokenize_pairs(tok, pairs, args.max_len, args.template, args.opening_words)
     lengths = [data.example_length(e) for e in train]
     steps = common.plan_steps(lengths, args, run.world)
     common.save_config(run, args, {"data_stats": load_stats, "tokenize_stats": tok_stats, "steps": len(steps),

@@ -7,7 +7,9 @@ Stages, in order (each is the scripts' own command, called in-process; the
 README shows each one to run alone):
   1. baseline  eval.py on the held-out demo prompts: the base model complies
   2. sit       sft.py: safety instruction tuning on demo_data/sit_train.json
-  3. dpo       dpo.py: sigmoid DPO, beta 0.1, on demo_data/prefs_train.jsonl
+  3. dpo       dpo.py: sigmoid DPO, beta 0.1, on the openings (first 4 words,
+               --opening-words 4) of demo_data/prefs_train.jsonl and
+               demo_data/prefs_openings.jsonl
   4. raft      raft.py: one best-of-K round scored by the offline refusal judge
   5. eval      eval.py on every stage's checkpoint, then one combined report
 DPO and RAFT start from the SIT checkpoint. The base model never refuses (0 of
@@ -49,15 +51,15 @@ PAPER_BENCHMARKS = ["I-MaliciousInstructions.json", "I-CoNa.json", "I-Controvers
 
 # Minutes each stage took in the reference run on 2 CPU cores (README): the
 # time-left estimate scales these by how fast this machine has been so far.
-EXPECTED_MINUTES = {"baseline": 1.3, "sit": 5.9, "dpo": 8.4, "raft": 1.6, "eval": 3.3}
+EXPECTED_MINUTES = {"baseline": 1.3, "sit": 5.9, "dpo": 12.5, "raft": 1.6, "eval": 3.3}
 
 # Stage settings: (full run, --quick smoke run).
 SETTINGS = {
     "sit": (["--epochs", "2", "--lr", "3e-5", "--batch-size", "8", "--max-len", "256"],
             ["--max-steps", "2", "--batch-size", "2", "--max-len", "128"]),
-    "dpo": (["--epochs", "1", "--lr", "5e-6", "--beta", "0.1", "--nll-weight", "1.0", "--batch-size", "8",
-             "--max-len", "256"],
-            ["--max-steps", "2", "--batch-size", "2", "--max-len", "128"]),
+    "dpo": (["--epochs", "3", "--lr", "4e-5", "--beta", "0.1", "--nll-weight", "1.0", "--opening-words", "4",
+             "--batch-size", "8", "--max-len", "256"],
+            ["--max-steps", "2", "--batch-size", "2", "--max-len", "128", "--opening-words", "4"]),
     "raft": (["--k", "4", "--prompts-per-iter", "48", "--max-new-tokens", "64", "--sft-epochs", "1"],
              ["--k", "2", "--prompts-per-iter", "2", "--max-new-tokens", "8", "--sft-max-steps", "1",
               "--sft-batch-size", "2"]),
@@ -146,7 +148,8 @@ def main(argv=None):
                     sft.main(common + ["--data", str(DEMO / "sit_train.json"), "--dtype", args.dtype]
                              + SETTINGS["sit"][q])
                 elif stage == "dpo":
-                    dpo.main(common + ["--data", str(DEMO / "prefs_train.jsonl"), "--dtype", args.dtype]
+                    dpo.main(common + ["--data", str(DEMO / "prefs_train.jsonl"),
+                                       "--data", str(DEMO / "prefs_openings.jsonl"), "--dtype", args.dtype]
                              + SETTINGS["dpo"][q])
                 else:
                     raft.main(common + ["--prompts", str(DEMO / "raft_prompts.jsonl"), "--reward", "refusal",

@@ -145,8 +145,23 @@ def pairwise_accuracy(rm, tok, pairs, batch_size=16, template=None) -> dict:
     rejected = score_texts(rm, tok, prompts, [p["rejected"] for p in pairs], batch_size, template=template,
                            desc="scoring rejected")
     margins = [c - r for c, r in zip(chosen, rejected)]
-    return {"accuracy": sum(m > 0 for m in margins) / len(margins), "margin": sum(margins) / len(margins),
-            "pairs": len(pairs)}
+    correct = [m > 0 for m in margins]
+    return {"accuracy": sum(correct) / len(margins), "margin": sum(margins) / len(margins),
+            "pairs": len(pairs), "prompts": len(set(prompts)), "interval": prompt_bootstrap(correct, prompts)}
+
+
+def prompt_bootstrap(correct, prompts, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% interval of an accuracy over pairs when whole prompts are resampled
+    (bootstrap): pairs that share a prompt are not independent (PKU-SafeRLHF
+    has ~5 per prompt), so the interval is that of the number of prompts."""
+    groups = {}
+    for ok, q in zip(correct, prompts):
+        groups.setdefault(q, []).append(ok)
+    hits = torch.tensor([sum(g) for g in groups.values()], dtype=torch.float64)  # per prompt
+    sizes = torch.tensor([len(g) for g in groups.values()], dtype=torch.float64)
+    pick = torch.randint(len(hits), (resamples, len(hits)), generator=torch.Generator().manual_seed(seed))
+    accs = (hits[pick].sum(1) / sizes[pick].sum(1)).sort().values  # [resamples]
+    return float(accs[int(0.025 * resamples)]), float(accs[int(0.975 * resamples) - 1])
 
 
 def split_pairs(pairs, n_train: int, n_eval: int, seed: int):
@@ -357,8 +372,10 @@ def main(argv=None):
     with autocast:
         result = pairwise_accuracy(rm, tok, held_out, args.eval_batch_size, args.template)
     result.update(train_seconds=round(t_train, 1), total_seconds=round(time.time() - t_start, 1))
+    low, high = result["interval"]
     print(f"held-out pairwise accuracy {result['accuracy']:.4f} on {result['pairs']} pairs "
-          f"(mean margin {result['margin']:.3f}); train {t_train:.0f}s, total {result['total_seconds']:.0f}s")
+          f"(95% interval over its {result['prompts']} prompts {low:.3f}-{high:.3f}; mean margin "
+          f"{result['margin']:.3f}); train {t_train:.0f}s, total {result['total_seconds']:.0f}s")
     (out / "train_config.json").write_text(json.dumps(config, indent=2))
     (out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
     (out / "eval.json").write_text(json.dumps(result, indent=2))

@@ -106,6 +106,16 @@ def test_truncation_cuts_prompt_from_left_keeps_answer_and_counts_drops(tok):
     assert len(ex["prompt_ids"]) + len(ex["chosen_ids"]) == 40  # the longer answer's sequence fills max_len
 
 
+def test_opening_words_cut_answers_and_leave_them_open(tok):
+    pairs = [{"prompt": "Hi", "chosen": "Sure! Here is how you do it.", "rejected": "I can't help with that."},
+             {"prompt": "Hi", "chosen": "I can't help, sorry.", "rejected": "I can't help with that."}]
+    out, stats = data.tokenize_pairs(tok, pairs, max_len=64, opening_words=2)
+    assert stats["dropped_same_opening"] == 1 and stats["kept"] == 1  # "I can't" opens both answers of pair 2
+    assert out[0]["chosen_ids"] == tok.encode("Sure! Here") and out[0]["rejected_ids"] == tok.encode("I can't")
+    closed = data.encode_response(tok, "Sure! Here")
+    assert closed[:-1] == out[0]["chosen_ids"] and closed[-1] not in out[0]["chosen_ids"]  # no end of turn
+
+
 @pytest.mark.skipif(not (SHARED / "tokenizers" / "llama2_tokenizer.model").is_file(), reason="../shared/data absent")
 def test_truncation_keeps_the_single_bos():
     sp = data.load_tokenizer(SHARED / "tokenizers" / "llama2_tokenizer.model")

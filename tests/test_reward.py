@@ -80,6 +80,17 @@ def test_split_pairs_keeps_prompts_disjoint():
         reward.split_pairs(pairs, 20, 50, seed=0)  # 50 held out leave 10
 
 
+def test_prompt_bootstrap_interval_counts_prompts_not_pairs():
+    correct = [True] * 50 + [False] * 50
+    assert reward.prompt_bootstrap([True] * 12, [f"q{i % 3}" for i in range(12)]) == (1.0, 1.0)
+    # The same 100 outcomes: 100 independent prompts, or 10 prompts each all right or all wrong.
+    low_i, high_i = reward.prompt_bootstrap(correct, [f"q{i}" for i in range(100)])
+    low_g, high_g = reward.prompt_bootstrap(correct, [f"q{i // 10}" for i in range(100)])
+    assert low_i < 0.5 < high_i and low_g < 0.5 < high_g
+    assert 0.15 < high_i - low_i < 0.25  # about 4 standard errors of 0.05
+    assert high_g - low_g > 2 * (high_i - low_i)  # 10 prompts tell far less than 100
+
+
 def test_training_on_a_toy_set_reaches_accuracy_one(tmp_path):
     ckpt = tiny_ckpt(tmp_path / "lm", seed=1)
     pairs = [{"prompt": f"Question number {i}: can you help me?", "chosen": SAFE[i % 2], "rejected": UNSAFE[i % 3 % 2]}

@@ -67,10 +67,13 @@ def test_dpo_first_loss_is_log2_and_toy_preference_is_learned(ckpt, toy_prefs, t
     assert (out / "state" / "ref_logps.pt").is_file()
 
 
-def test_dpo_nll_weight_adds_the_chosen_per_token_nll(ckpt, toy_prefs, tmp_path):
-    dpo.main(args(ckpt, toy_prefs, tmp_path / "rpo", "--max-steps", 1, "--nll-weight", 0.5))
+@pytest.mark.parametrize("opening_words", [0, 1])
+def test_dpo_nll_weight_adds_the_chosen_per_token_nll(ckpt, toy_prefs, tmp_path, opening_words):
+    dpo.main(args(ckpt, toy_prefs, tmp_path / "rpo", "--max-steps", 1, "--nll-weight", 0.5,
+                  "--opening-words", opening_words))
     first = log(tmp_path / "rpo")[0]
-    n = len(data.encode_response(data.load_tokenizer(ckpt), "A"))  # every chosen answer: "A" + end of turn
+    # every chosen answer: "A" + end of turn; with --opening-words, "A" alone
+    n = len(data.encode_response(data.load_tokenizer(ckpt), "A", closed=not opening_words))
     assert first["nll/chosen"] == pytest.approx(-first["logps/chosen"] / n, rel=1e-5)
     assert first["loss"] == pytest.approx(math.log(2) + 0.5 * first["nll/chosen"], rel=1e-5)
 
