@@ -243,7 +243,8 @@ def encode_prompt(tok: Tokenizer, prompt: str, template: str | None = None, inpu
     return ids
 
 
-def encode_response(tok: Tokenizer, response: str, template: str | None = None, closed: bool = True) -> list[int]:
+def encode_response(tok: Tokenizer, response: str, template: str | None = None,
+                    closed: bool = True) -> list[int]:
     """Answer text -> ids, closed by the template's end-of-turn token (not
     with closed=False: the text is an answer's opening, which goes on)."""
     end = TEMPLATES[template or tok.template]["end"]

@@ -24,6 +24,13 @@ GPU) so the [B, T, V] logits never exist. Least memory:
 `THP_MEM_ALLOC_ENABLE=1 python dpo.py --grad-checkpointing ...` (one step on
 4 PKU pairs: 0.33 of TRL's DPOTrainer's memory, 2.6x faster; README).
 
+Openings (--opening-words N): every answer is cut to its first N words and
+left open (no end-of-turn token), so the whole loss is on how the answer
+begins. A safety pair's decision, decline or help, is made there; with whole
+answers most of the loss goes to the rest. On the demo data the decision then
+ranked held-out prompts better than after any whole-answer run, and more so
+with more prompts (README). The model keeps writing the rest as before.
+
 Learning rate: the paper's 5e-7 is for 7B models and thousands of steps. A
 demo run here is tens of steps, so the default is 5e-6 (full fine-tuning):
 on SmolLM2-135M and demo_data/prefs_train.jsonl, 12 steps of 8 pairs took the
