@@ -251,7 +251,9 @@ def encode_response(tok: Tokenizer, response: str, template: str | None = None,
     # sentencepiece adds its dummy-prefix space itself, which is the "▁" that
     # follows "[INST] ... [/INST]" or "### Response:" when the model generates.
     ids = tok.encode(response.strip())
-    return ids + [tok.special[end] if end in tok.special else tok.eos_id] if closed else ids
+    if closed:
+        ids.append(tok.special[end] if end in tok.special else tok.eos_id)
+    return ids
 
 
 # ----------------------------------------------------------------------------

@@ -62,8 +62,8 @@ def build_parser():
     ap.add_argument("--nll-weight", type=float, default=0.0,
                     help="alpha of an added NLL term on the chosen answers (RPO; TRL's rpo_alpha); 0 = plain DPO")
     ap.add_argument("--opening-words", type=int, default=0,
-                    help="> 0: train on each answer's first N words only, left open (no end-of-turn token): "
-                         "the loss is then about how an answer begins (decline or help); 0 = whole answers")
+                    help="> 0: train on how answers begin, their first N words (data.tokenize_pairs); "
+                         "0 = whole answers")
     return ap
 
 

@@ -58,9 +58,9 @@ EXPECTED_MINUTES = {"baseline": 1.3, "sit": 5.9, "dpo": 12.5, "raft": 1.6, "eval
 SETTINGS = {
     "sit": (["--epochs", "2", "--lr", "3e-5", "--batch-size", "8", "--max-len", "256"],
             ["--max-steps", "2", "--batch-size", "2", "--max-len", "128"]),
-    "dpo": (["--epochs", "3", "--lr", "4e-5", "--beta", "0.1", "--nll-weight", "1.0", "--opening-words", "4",
-             "--batch-size", "8", "--max-len", "256"],
-            ["--max-steps", "2", "--batch-size", "2", "--max-len", "128", "--opening-words", "4"]),
+    "dpo": (["--epochs", "3", "--lr", "4e-5", "--beta", "0.1", "--nll-weight", "1.0", "--batch-size", "8",
+             "--max-len", "256"],
+            ["--max-steps", "2", "--batch-size", "2", "--max-len", "128"]),
     "raft": (["--k", "4", "--prompts-per-iter", "48", "--max-new-tokens", "64", "--sft-epochs", "1"],
              ["--k", "2", "--prompts-per-iter", "2", "--max-new-tokens", "8", "--sft-max-steps", "1",
               "--sft-batch-size", "2"]),
@@ -150,7 +150,8 @@ def main(argv=None):
                              + SETTINGS["sit"][q])
                 elif stage == "dpo":
                     dpo.main(common + ["--data", str(DEMO / "prefs_train.jsonl"),
-                                       "--data", str(DEMO / "prefs_openings.jsonl"), "--dtype", args.dtype]
+                                       "--data", str(DEMO / "prefs_openings.jsonl"), "--opening-words", "4",
+                                       "--dtype", args.dtype]
                              + SETTINGS["dpo"][q])
                 else:
                     raft.main(common + ["--prompts", str(DEMO / "raft_prompts.jsonl"), "--reward", "refusal",
