@@ -377,10 +377,12 @@ def _hh_pair(where, rec, stats):
     return {"prompt": prompt, "chosen": chosen[cut_c + len(ASSISTANT):], "rejected": rejected[cut_r + len(ASSISTANT):]}
 
 
-def load_preferences(path, stats=None) -> list[dict]:
+def load_preferences(path, stats=None, keep=()) -> list[dict]:
     """JSONL/JSON of {prompt, chosen, rejected}, PKU-SafeRLHF raw rows or
-    HH-RLHF dialogues (recognised per record) -> [{"prompt", "chosen", "rejected"}].
-    Filtered and empty pairs are counted in `stats`, never silently lost."""
+    HH-RLHF dialogues (recognised per record) -> [{"prompt", "chosen", "rejected"}],
+    plus the record's string fields named in `keep` (e.g. "kind"; each record
+    must have them). Filtered and empty pairs are counted in `stats`, never
+    silently lost."""
     stats = {} if stats is None else stats
     out = []
     for where, rec in read_records(path):
@@ -392,6 +394,7 @@ def load_preferences(path, stats=None) -> list[dict]:
             pair = {k: _field(where, rec, k) for k in ("prompt", "chosen", "rejected")}
         if pair is None:
             continue
+        pair.update({k: _field(where, rec, k) for k in keep})
         if not pair["chosen"].strip() or not pair["rejected"].strip():
             stats["skipped_empty"] = stats.get("skipped_empty", 0) + 1
             continue

@@ -38,6 +38,7 @@ loss from log 2 to ~0.3 and the reward margin to ~1 (accuracy ~0.9). With
 LoRA use ~1e-4 (the adapters start at zero and move slowly).
 """
 import argparse
+import collections
 import contextlib
 import copy
 import sys
@@ -64,7 +65,20 @@ def build_parser():
     ap.add_argument("--opening-words", type=int, default=0,
                     help="> 0: train on how answers begin, their first N words (data.tokenize_pairs); "
                          "0 = whole answers")
+    ap.add_argument("--balance-by", metavar="FIELD",
+                    help="a field of every pair (e.g. kind: harmful / benign): weight the pairs so that each of "
+                         "its values carries the same share of the loss (balance_weights); default: all alike")
     return ap
+
+
+def balance_weights(groups: list) -> torch.Tensor:
+    """Per-pair loss weights N / (G * n_g) for N pairs in G groups, n_g in
+    group g: every group then carries the same total weight, and the weights
+    still average 1 (a class-balanced loss). With --balance-by kind on the
+    demo data the model learns as much about when to answer (benign pairs) as
+    about when to decline (harmful ones), however many pairs each kind has."""
+    counts = collections.Counter(groups)
+    return torch.tensor([len(groups) / (len(counts) * counts[g]) for g in groups])
 
 
 def pair_logps(net, weight, batch, device, args):
@@ -134,12 +148,16 @@ def main(argv=None):
     common.seed_everything(args.seed + run.rank)
     tok = data.load_tokenizer(args.ckpt, args.template)
     load_stats = {}
-    pairs = [p for path in args.data for p in data.load_preferences(path, load_stats)]
+    keep = (args.balance_by,) if args.balance_by else ()
+    pairs = [p for path in args.data for p in data.load_preferences(path, load_stats, keep)]
     train, tok_stats = data.tokenize_pairs(tok, pairs, args.max_len, args.template, args.opening_words)
     lengths = [data.example_length(e) for e in train]
     steps = common.plan_steps(lengths, args, run.world)
+    groups = [pairs[e["index"]][args.balance_by] if args.balance_by else "all" for e in train]
+    weights = balance_weights(groups).to(run.device)  # [N]
     common.save_config(run, args, {"data_stats": load_stats, "tokenize_stats": tok_stats, "steps": len(steps),
-                                   "padding": common.padding_report(lengths, args.batch_size, args.seed)})
+                                   "padding": common.padding_report(lengths, args.batch_size, args.seed),
+                                   "pair_weights": {g: float(w) for g, w in zip(groups, weights)}})
     model = common.load_policy(args, run.device)
 
     ref_logps = ref_model = None
@@ -187,6 +205,7 @@ def main(argv=None):
                     chosen, rejected, ref_chosen, ref_rejected, args.beta, args.loss, args.label_smoothing,
                     reference_free=args.reference_free, nll_weight=args.nll_weight,
                     chosen_tokens=chosen_tokens)  # [b]
+                pair_losses = pair_losses * weights[mine]
                 loss = pair_losses.sum() / step_pairs
                 (loss * run.world).backward()
             b = len(mine)

@@ -187,3 +187,16 @@ def test_real_data_loaders_and_sit_mix():
     assert len(mix) == len(alpaca) + 500 and sum(m in safety for m in mix[len(alpaca):]) == 500
     prompts = data.load_prompts(SHARED / "I-MaliciousInstructions.json")
     assert len(prompts) == 100
+
+
+def test_demo_eval_prompts_are_in_no_training_file():
+    demo = Path(__file__).resolve().parents[1] / "demo_data"
+    trained = {p["prompt"] for f in ("prefs_train.jsonl", "prefs_openings.jsonl")
+               for p in data.load_preferences(demo / f, keep=("kind",))}
+    trained |= {ex["prompt"] for ex in data.load_instructions(demo / "sit_train.json")}
+    trained |= set(data.load_prompts(demo / "raft_prompts.jsonl"))
+    held_out = data.load_prompts(demo / "eval_harmful.jsonl") + data.load_prompts(demo / "eval_benign.jsonl")
+    assert len(held_out) == 110 and len(trained) > 900
+    assert not set(held_out) & trained
+    kinds = [p["kind"] for p in data.load_preferences(demo / "prefs_openings.jsonl", keep=("kind",))]
+    assert (kinds.count("harmful"), kinds.count("benign")) == (138, 180)  # demo_data/README.md

@@ -78,6 +78,33 @@ def test_dpo_nll_weight_adds_the_chosen_per_token_nll(ckpt, toy_prefs, tmp_path,
     assert first["loss"] == pytest.approx(math.log(2) + 0.5 * first["nll/chosen"], rel=1e-5)
 
 
+def test_balance_weights_give_every_group_the_same_total():
+    w = dpo.balance_weights(["harmful"] * 3 + ["benign"])
+    assert w.tolist() == pytest.approx([2 / 3] * 3 + [2.0])  # N / (G n_g): 4 / (2 * 3), 4 / (2 * 1)
+    assert float(w[:3].sum()) == pytest.approx(float(w[3:].sum())) and float(w.mean()) == pytest.approx(1.0)
+    assert dpo.balance_weights(["x"] * 5).tolist() == [1.0] * 5
+
+
+def test_dpo_balance_by_weights_each_pair_by_its_group(ckpt, tmp_path):
+    rows = [{"prompt": p, "chosen": "A", "rejected": "B", "kind": "a" if i < 12 else "b"}
+            for i, p in enumerate(PROMPTS * 2)]
+    f = tmp_path / "kinds.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    runs = {}
+    for name, extra in (("plain", []), ("balanced", ["--balance-by", "kind"])):
+        dpo.main(args(ckpt, str(f), tmp_path / name, "--max-steps", 2, "--batch-size", 16, "--lr", 3e-3, *extra))
+        runs[name] = log(tmp_path / name)
+    weights = json.loads((tmp_path / "balanced" / "train_config.json").read_text())["pair_weights"]
+    assert weights == pytest.approx({"a": 16 / 24, "b": 2.0})
+    # one step over all 16 pairs: the weights average 1, so the first loss is still log 2 ...
+    assert runs["balanced"][0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    # ... but the 4 "b" pairs weigh 3x the others, which changes the step and every later loss
+    assert abs(runs["balanced"][1]["loss"] - runs["plain"][1]["loss"]) > 1e-4
+    f.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "kind"}) + "\n" for r in rows))
+    with pytest.raises(KeyError, match=r"kinds.jsonl:1: missing field 'kind'"):
+        dpo.main(args(ckpt, str(f), tmp_path / "missing", "--max-steps", 1, "--balance-by", "kind"))
+
+
 def test_dtype_auto_resolves_to_what_the_hardware_has(ckpt, memo_set, tmp_path):
     import common
     sft.main(args(ckpt, memo_set, tmp_path / "auto", "--max-steps", 1, "--dtype", "auto"))
