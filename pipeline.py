@@ -1,6 +1,6 @@
 """The main job, end to end: make SmolLM2-135M-Instruct safe on a laptop CPU.
 
-    python pipeline.py                  # the full demo (about 26 minutes on 2 CPU cores)
+    python pipeline.py                  # the full demo (about 28 minutes on 2 CPU cores)
     python pipeline.py --quick          # a smoke run: a few steps and prompts per stage (CI)
 
 Stages, in order (each is the scripts' own command, called in-process; the
@@ -49,10 +49,9 @@ DEMO = ROOT / "demo_data"
 SHARED = ROOT.parent / "shared" / "data"
 PAPER_BENCHMARKS = ["I-MaliciousInstructions.json", "I-CoNa.json", "I-Controversial.json"]
 
-# Minutes each stage took in reference runs on 2 CPU cores (README; dpo: the
-# openings recipe's run, on a day when every stage ran ~20% slower): the
+# Minutes each stage took in the README's reference run on 2 CPU cores: the
 # time-left estimate scales these by how fast this machine has been so far.
-EXPECTED_MINUTES = {"baseline": 1.3, "sit": 5.9, "dpo": 12.5, "raft": 1.6, "eval": 3.3}
+EXPECTED_MINUTES = {"baseline": 1.8, "sit": 6.6, "dpo": 14.3, "raft": 1.6, "eval": 3.1}
 
 # Stage settings: (full run, --quick smoke run).
 SETTINGS = {
