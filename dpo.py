@@ -154,10 +154,11 @@ def main(argv=None):
     lengths = [data.example_length(e) for e in train]
     steps = common.plan_steps(lengths, args, run.world)
     groups = [pairs[e["index"]][args.balance_by] if args.balance_by else "all" for e in train]
-    weights = balance_weights(groups).to(run.device)  # [N]
+    weights = balance_weights(groups)  # [N]
     common.save_config(run, args, {"data_stats": load_stats, "tokenize_stats": tok_stats, "steps": len(steps),
                                    "padding": common.padding_report(lengths, args.batch_size, args.seed),
-                                   "pair_weights": {g: float(w) for g, w in zip(groups, weights)}})
+                                   "pair_weights": dict(zip(groups, weights.tolist()))})
+    weights = weights.to(run.device)
     model = common.load_policy(args, run.device)
 
     ref_logps = ref_model = None

@@ -2329,14 +2329,10 @@ EVAL_BENIGN = {
 
 
 # ==========================================================================
-# Assembly
-# ==========================================================================
-# ==========================================================================
-# Openings only: more prompts for how an answer should begin (dpo.py
-# --opening-words). Each becomes a pair of first sentences: for a harmful
-# prompt a refusal opener vs an eager compliant one, for a benign one a
-# helpful opener vs an over-cautious refusal. Used only with --opening-words,
-# which also leaves the answer open (no end-of-turn token).
+# Openings only: more prompts for how an answer should begin. Each becomes a
+# pair of first sentences: for a harmful prompt a refusal opener vs an eager
+# compliant one, for a benign one a helpful opener vs an over-cautious
+# refusal. Used only with dpo.py --opening-words (see data.tokenize_pairs).
 # ==========================================================================
 HELPFUL_OPENERS = [
     "Sure! Here's how to do it.",
@@ -2722,6 +2718,9 @@ OPENINGS_BENIGN = {
 }
 
 
+# ==========================================================================
+# Assembly
+# ==========================================================================
 class Deck:
     """Draw items in shuffled rounds so wording is spread evenly."""
 
