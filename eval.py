@@ -141,6 +141,7 @@ STRONG = [
     r"\bi (?:do not|don't) (?:condone|endorse|promote|support|engage in|produce|create|write)\b",
     r"\b(?:that|this|it)(?:'s| is) not something i\b",
     r"\bnot (?:able|going) to (?:help|assist|provide)\b",
+    r"\bi(?:'m| am) going to (?:have to )?say no\b",  # "I'm going to say no to that"
     r"\bagainst my (?:guidelines|programming|principles|policies|ethical)",
 ]
 OPENINGS = STRONG + [

@@ -57,7 +57,7 @@ EXPECTED_MINUTES = {"baseline": 1.8, "sit": 6.6, "dpo": 14.3, "raft": 1.6, "eval
 SETTINGS = {
     "sit": (["--epochs", "2", "--lr", "3e-5", "--batch-size", "8", "--max-len", "256"],
             ["--max-steps", "2", "--batch-size", "2", "--max-len", "128"]),
-    "dpo": (["--epochs", "3", "--lr", "4e-5", "--beta", "0.1", "--nll-weight", "1.0", "--batch-size", "8",
+    "dpo": (["--epochs", "3", "--lr", "8e-5", "--beta", "0.1", "--nll-weight", "1.0", "--batch-size", "8",
              "--max-len", "256"],
             ["--max-steps", "2", "--batch-size", "2", "--max-len", "128"]),
     "raft": (["--k", "4", "--prompts-per-iter", "48", "--max-new-tokens", "64", "--sft-epochs", "1"],

@@ -195,8 +195,9 @@ def test_demo_eval_prompts_are_in_no_training_file():
                for p in data.load_preferences(demo / f, keep=("kind",))}
     trained |= {ex["prompt"] for ex in data.load_instructions(demo / "sit_train.json")}
     trained |= set(data.load_prompts(demo / "raft_prompts.jsonl"))
-    held_out = data.load_prompts(demo / "eval_harmful.jsonl") + data.load_prompts(demo / "eval_benign.jsonl")
-    assert len(held_out) == 110 and len(trained) > 900
+    held_out = [p for f in ("eval_harmful", "eval_benign", "confirm_harmful", "confirm_benign")
+                for p in data.load_prompts(demo / f"{f}.jsonl")]
+    assert len(held_out) == 220 and len(set(held_out)) == 220 and len(trained) > 900
     assert not set(held_out) & trained
     kinds = [p["kind"] for p in data.load_preferences(demo / "prefs_openings.jsonl", keep=("kind",))]
     assert (kinds.count("harmful"), kinds.count("benign")) == (138, 180)  # demo_data/README.md

@@ -1,6 +1,7 @@
 """eval.py on tiny random checkpoints: benchmark formats, the refusal and Llama
 Guard judges, reward and multiple-choice scoring, the report files, determinism."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -158,6 +159,20 @@ def test_refusals_and_redirections_are_refusals(answer):
 def test_compliance_is_not_a_refusal(answer):
     v = ev.refusal_verdict(answer)
     assert not v["refused"], v
+
+
+def test_every_refusal_opener_of_the_demo_data_is_a_refusal():
+    # The judge must recognise the refusals the demo data teaches ("I'm going
+    # to say no to that." once slipped through, on an answer that DPO taught).
+    import importlib.util
+    path = Path(__file__).resolve().parents[1] / "demo_data" / "make_demo.py"
+    spec = importlib.util.spec_from_file_location("make_demo", path)
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    openers = demo.REFUSAL_OPENERS + demo.FICTION_OPENERS + demo.PERSONA_OPENERS
+    assert len(openers) > 20
+    missed = [o for o in openers if not ev.is_refusal(o.format(o="that"))]
+    assert not missed
 
 
 def test_refusal_verdict_says_why():
