@@ -51,7 +51,7 @@ PAPER_BENCHMARKS = ["I-MaliciousInstructions.json", "I-CoNa.json", "I-Controvers
 
 # Minutes each stage took in the README's reference run on 2 CPU cores: the
 # time-left estimate scales these by how fast this machine has been so far.
-EXPECTED_MINUTES = {"baseline": 1.8, "sit": 6.6, "dpo": 14.3, "raft": 1.6, "eval": 3.1}
+EXPECTED_MINUTES = {"baseline": 1.9, "sit": 6.2, "dpo": 14.2, "raft": 1.8, "eval": 3.4}
 
 # Stage settings: (full run, --quick smoke run).
 SETTINGS = {
