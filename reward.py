@@ -2,7 +2,7 @@
 
     python reward.py --ckpt smollm2 --data ../shared/data/pku_saferlhf_pairs.jsonl --out runs/rm
     python reward.py --ckpt smollm2 --data pairs.jsonl --out runs/rm --layers 12 --train-layers 4
-    python reward.py --ckpt smollm2 --data pairs.jsonl --out runs/rm --layers 18 --train-layers 0   # head only
+    python reward.py --ckpt smollm2 --data pairs.jsonl --out runs/rm --layers 17 --train-layers 0   # head only
 
 A reward model here is a LLaMA backbone plus a scalar head, saved in the
 Hugging Face `LlamaForSequenceClassification` layout (`score.weight` [1, H],
@@ -200,9 +200,9 @@ def build_parser():
     ap.add_argument("--train-layers", type=int, default=None,
                     help="train only the top T kept layers + final norm + head (default: all); "
                          "0: fit the head alone on the frozen backbone (a linear probe, see fit_head)")
-    ap.add_argument("--head-l2", type=float, default=0.1,
+    ap.add_argument("--head-l2", type=float, default=0.03,
                     help="--train-layers 0 or --probe-first: L2 penalty on the head, on standardised features "
-                         "(0.1: the best of 0.01-30 in 5-fold CV on 2,000 PKU training pairs, folds by prompt)")
+                         "(0.03 with --layers 17: bench/reward_depth.py's pick on 2,000 PKU training pairs)")
     ap.add_argument("--probe-first", action="store_true",
                     help="fit the head on the frozen backbone first (fit_head), then train the layers from there")
     ap.add_argument("--lora-rank", type=int, default=0, help="> 0: LoRA on the backbone (head trained fully)")

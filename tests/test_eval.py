@@ -1,5 +1,6 @@
 """eval.py on tiny random checkpoints: benchmark formats, the refusal and Llama
 Guard judges, reward and multiple-choice scoring, the report files, determinism."""
+import importlib.util
 import json
 from pathlib import Path
 
@@ -164,7 +165,6 @@ def test_compliance_is_not_a_refusal(answer):
 def test_every_refusal_opener_of_the_demo_data_is_a_refusal():
     # The judge must recognise the refusals the demo data teaches ("I'm going
     # to say no to that." once slipped through, on an answer that DPO taught).
-    import importlib.util
     path = Path(__file__).resolve().parents[1] / "demo_data" / "make_demo.py"
     spec = importlib.util.spec_from_file_location("make_demo", path)
     demo = importlib.util.module_from_spec(spec)
