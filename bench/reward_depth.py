@@ -86,7 +86,8 @@ def main(argv=None):
     ap.add_argument("--data", required=True)
     ap.add_argument("--train-pairs", type=int, default=2000)
     ap.add_argument("--eval-pairs", type=int, default=1000)
-    ap.add_argument("--max-len", type=int, default=256, help="training pairs longer than this are dropped (as in reward.py)")
+    ap.add_argument("--max-len", type=int, default=256,
+                    help="training pairs longer than this are dropped (as in reward.py)")
     ap.add_argument("--l2", default="0.01,0.03,0.1,0.3,1,3", help="comma-separated L2 weights to try")
     ap.add_argument("--min-depth", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
@@ -96,7 +97,8 @@ def main(argv=None):
     train_pairs, held = reward.split_pairs(data.load_preferences(args.data), args.train_pairs, args.eval_pairs,
                                            args.seed)
     train, _ = data.tokenize_pairs(tok, train_pairs, args.max_len)
-    test, _ = data.tokenize_pairs(tok, held, 10 ** 9)  # reward.py scores every held-out pair
+    # Every held-out pair is kept, as reward.py scores them all (it cuts at 1024 tokens; PKU's need up to 419).
+    test, _ = data.tokenize_pairs(tok, held, 10 ** 9)
     rm = reward.init_reward_model(args.ckpt, tok)
     f_train = pair_features(rm, train, tok.pad_id, desc="training pairs")
     f_test = pair_features(rm, test, tok.pad_id, desc="held-out pairs")
