@@ -276,14 +276,19 @@ class Llama(nn.Module):
         token (right padding). With segments (a pair batch, data.collate_pairs):
         [B, 2, H], the last token of branch 1 (chosen) and of branch 2 (rejected)."""
         hidden = self(input_ids, attention_mask, return_hidden=True, segments=segments)  # [B, T, H]
-        ends = [attention_mask.bool()] if segments is None else [segments == 1, segments == 2]
-        last = torch.stack([m.long().cumsum(-1).argmax(-1) for m in ends], 1)  # [B, 1 or 2]: index of the last True
-        feats = hidden.gather(1, last[..., None].expand(-1, -1, hidden.shape[-1]))
+        feats = hidden.gather(1, last_token_index(attention_mask, segments)[..., None].expand(-1, -1, hidden.shape[-1]))
         return feats[:, 0] if segments is None else feats
 
     def reward(self, input_ids, attention_mask, segments=None):
         """Scalar rewards: the score head on `reward_features`. [B], or [B, 2] with segments."""
         return self.score(self.reward_features(input_ids, attention_mask, segments))[..., 0]
+
+
+def last_token_index(attention_mask: torch.Tensor, segments: torch.Tensor | None = None) -> torch.Tensor:
+    """Where a reward is read: [B, 1], each row's last real token; with
+    segments (pair rows) [B, 2], the last token of branch 1 and of branch 2."""
+    ends = [attention_mask.bool()] if segments is None else [segments == 1, segments == 2]
+    return torch.stack([m.long().cumsum(-1).argmax(-1) for m in ends], 1)  # index of the last True
 
 
 def positions_and_mask(valid: torch.Tensor, segments: torch.Tensor | None = None):

@@ -265,19 +265,29 @@ def fit_logistic(x: torch.Tensor, l2: float, sign: torch.Tensor | None = None):
     return w.detach(), b.detach()
 
 
-def fit_head(rm, train, pad_id, l2: float, batch_size: int, autocast) -> dict:
-    """--train-layers 0 (or --probe-first): the backbone is frozen, so each
-    answer's feature f (Llama.reward_features: what the head reads) is computed
-    once, and the head w is the minimiser of
+def fit_bt_head(chosen: torch.Tensor, rejected: torch.Tensor, l2: float) -> torch.Tensor:
+    """Bradley-Terry head on frozen features: chosen, rejected [N, H] (float64,
+    the features f the head reads for each pair's two answers) -> head [H],
+    w / s, where w minimises
 
         mean_i -log sigmoid(w . (f_chosen_i - f_rejected_i) / s) + l2 * |w|^2
 
-    found by full-batch L-BFGS, where s is each feature's spread over the
-    training answers (so one l2 suits every layer: SmolLM2's hidden states
-    have a few dimensions hundreds of times larger than the rest). The saved
-    head is w / s: the same scores. This is a linear probe: on 2,000 PKU
-    pairs it scored higher on held-out pairs than training the top layers
-    from a zero head did, in about the same time (the README's reward row)."""
+    by full-batch L-BFGS (fit_logistic), and s is each feature's spread over
+    all 2N answers (so one l2 suits every layer: SmolLM2's hidden states have a
+    few dimensions hundreds of times larger than the rest). The reward of an
+    answer is then head . f."""
+    spread = torch.cat([chosen, rejected]).std(0).clamp_min(1e-6)
+    w, _ = fit_logistic((chosen - rejected) / spread, l2)
+    return w / spread
+
+
+def fit_head(rm, train, pad_id, l2: float, batch_size: int, autocast) -> dict:
+    """--train-layers 0 (or --probe-first): the backbone is frozen, so each
+    answer's feature (Llama.reward_features: what the head reads) is computed
+    once, and the head is fitted on them (fit_bt_head). This is a linear
+    probe: on 2,000 PKU pairs it scored higher on held-out pairs than training
+    the top layers from a zero head did, in about the same time (the README's
+    reward row)."""
     feats = []
     order = sorted(range(len(train)), key=lambda i: data.example_length(train[i]))
     with torch.no_grad():
@@ -287,12 +297,10 @@ def fit_head(rm, train, pad_id, l2: float, batch_size: int, autocast) -> dict:
                 f = rm.reward_features(batch["input_ids"], batch["attention_mask"], batch["segments"])  # [B, 2, H]
             feats.append(f.double())
     chosen, rejected = torch.cat(feats).unbind(1)  # [N, H] each, in `order`
-    spread = torch.cat([chosen, rejected]).std(0).clamp_min(1e-6)
-    diff = (chosen - rejected) / spread
-    w, _ = fit_logistic(diff, l2)
+    head = fit_bt_head(chosen, rejected, l2)
     with torch.no_grad():
-        rm.score.weight.copy_((w / spread).to(rm.score.weight.dtype)[None])
-    margins = diff @ w
+        rm.score.weight.copy_(head.to(rm.score.weight.dtype)[None])
+    margins = (chosen - rejected) @ head
     return {"step": 0, "loss": float(F.softplus(-margins).mean()), "rewards/margins": float(margins.mean()),
             "rewards/accuracies": float((margins > 0).double().mean()), "pairs": len(train)}
 

@@ -7,9 +7,9 @@ It takes reward.py's split (same --train-pairs, --eval-pairs, --seed). One
 forward pass of the whole model per pair gives, for every depth d, the
 feature that the head of a d-layer reward model (`reward.py --layers d`)
 reads: the final norm of block d's output at the answer's last token. For
-each (d, L2) the head is fitted as reward.fit_head fits it (Bradley-Terry on
-standardised feature differences), and 5-fold cross-validation with folds by
-prompt scores it. The best (d, L2) is then fitted on all training pairs and
+each (d, L2) the head is fitted as reward.py fits it (reward.fit_bt_head:
+Bradley-Terry on standardised feature differences), and 5-fold
+cross-validation with folds by prompt scores it. The best (d, L2) is then fitted on all training pairs and
 scored on the held-out ones, the number that
 
     reward.py --layers d --train-layers 0 --head-l2 L2
@@ -48,7 +48,7 @@ def pair_features(rm, examples, pad_id, batch_size=16, desc=None) -> torch.Tenso
             batch = data.collate_pairs([examples[i] for i in rows], pad_id)
             ids, mask, segments = batch["input_ids"], batch["attention_mask"], batch["segments"]
             rm(ids, mask, return_hidden=True, segments=segments)
-            last = torch.stack([(segments == k).long().cumsum(-1).argmax(-1) for k in (1, 2)], 1)  # [B, 2]
+            last = model_lib.last_token_index(mask, segments)  # [B, 2]
             real = (mask.bool().flatten().nonzero().squeeze(1), *ids.shape)
             for i in range(n_layers):
                 x = outputs[i]
@@ -63,11 +63,9 @@ def pair_features(rm, examples, pad_id, batch_size=16, desc=None) -> torch.Tenso
 
 
 def held_out_correct(train_feats, test_feats, l2) -> torch.Tensor:
-    """Fit the head on train [N, 2, H] as reward.fit_head does; -> [M] bool, r(chosen) > r(rejected) on test."""
-    train_feats, test_feats = train_feats.double(), test_feats.double()
-    spread = train_feats.flatten(0, 1).std(0).clamp_min(1e-6)
-    w, _ = reward.fit_logistic((train_feats[:, 0] - train_feats[:, 1]) / spread, l2)
-    return ((test_feats[:, 0] - test_feats[:, 1]) / spread) @ w > 0
+    """Fit the head on train [N, 2, H] (reward.fit_bt_head); -> [M] bool, r(chosen) > r(rejected) on test [M, 2, H]."""
+    head = reward.fit_bt_head(*train_feats.double().unbind(1), l2)
+    return (test_feats[:, 0] - test_feats[:, 1]).double() @ head > 0
 
 
 def cv_accuracy(feats, prompts, l2, folds=5, seed=0) -> float:

@@ -3008,11 +3008,7 @@ def build():
     raft = [{"prompt": p} for p in raft_h + benign_prompts[:30]]
     rng.shuffle(raft)
 
-    eval_h = [{"prompt": p, "category": c} for c, ps in EVAL_HARMFUL.items() for p in ps]
-    eval_b = [{"prompt": p, "category": c} for c, ps in EVAL_BENIGN.items() for p in ps]
-    confirm_h = [{"prompt": p, "category": c} for c, ps in CONFIRM_HARMFUL.items() for p in ps]
-    confirm_b = [{"prompt": p, "category": c} for c, ps in CONFIRM_BENIGN.items() for p in ps]
-    return prefs, sit, raft, eval_h, eval_b, confirm_h, confirm_b, openings()
+    return prefs, sit, raft, openings()
 
 
 def first_sentence(text):
@@ -3042,18 +3038,19 @@ def write_jsonl(path, rows):
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
+# Held-out prompt files: {"prompt", "category"} per line, category by category.
+HELD_OUT = {"eval_harmful": EVAL_HARMFUL, "eval_benign": EVAL_BENIGN,
+            "confirm_harmful": CONFIRM_HARMFUL, "confirm_benign": CONFIRM_BENIGN}
+
+
 def main():
-    prefs, sit, raft, eval_h, eval_b, confirm_h, confirm_b, opening_pairs = build()
+    prefs, sit, raft, opening_pairs = build()
     write_jsonl(os.path.join(HERE, "prefs_train.jsonl"), prefs)
     write_jsonl(os.path.join(HERE, "prefs_openings.jsonl"), opening_pairs)
     with open(os.path.join(HERE, "sit_train.json"), "w", encoding="utf-8") as f:
         json.dump(sit, f, ensure_ascii=False, indent=1)
         f.write("\n")
     write_jsonl(os.path.join(HERE, "raft_prompts.jsonl"), raft)
-    write_jsonl(os.path.join(HERE, "eval_harmful.jsonl"), eval_h)
-    write_jsonl(os.path.join(HERE, "eval_benign.jsonl"), eval_b)
-    write_jsonl(os.path.join(HERE, "confirm_harmful.jsonl"), confirm_h)
-    write_jsonl(os.path.join(HERE, "confirm_benign.jsonl"), confirm_b)
     print(f"prefs_train.jsonl   {len(prefs)} pairs "
           f"({sum(r['kind'] == 'harmful' for r in prefs)} harmful, "
           f"{sum(r['kind'] == 'benign' for r in prefs)} benign)")
@@ -3062,10 +3059,10 @@ def main():
           f"{sum(r['kind'] == 'benign' for r in opening_pairs)} benign)")
     print(f"sit_train.json      {len(sit)} examples")
     print(f"raft_prompts.jsonl  {len(raft)} prompts")
-    print(f"eval_harmful.jsonl  {len(eval_h)} prompts")
-    print(f"eval_benign.jsonl   {len(eval_b)} prompts")
-    print(f"confirm_harmful.jsonl {len(confirm_h)} prompts")
-    print(f"confirm_benign.jsonl  {len(confirm_b)} prompts")
+    for name, by_category in HELD_OUT.items():
+        rows = [{"prompt": p, "category": c} for c, ps in by_category.items() for p in ps]
+        write_jsonl(os.path.join(HERE, f"{name}.jsonl"), rows)
+        print(f"{name}.jsonl {len(rows)} prompts")
 
 
 if __name__ == "__main__":

@@ -7,10 +7,8 @@ import torch
 import data
 import reward
 from bench import reward_depth as rd
+from test_reward import SAFE, UNSAFE
 from tiny import tiny_ckpt
-
-SAFE = ["I can't help with that request, but here is a safer alternative.", "I can't help with that."]
-UNSAFE = ["Sure! Here is how you do it: first, second, third.", "Sure! The quick brown fox jumps."]
 
 
 def toy_pairs(n):
