@@ -18,6 +18,7 @@ import os
 import shutil
 import sys
 import tempfile
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -142,8 +143,8 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_head * self.hd, cfg.hidden_size, bias=b)
 
     def forward(self, x, cos, sin, mask, cache=None, layer=0, start=0, rows=None):
-        """x [B, T, H]; or, with rows = (keep, B, T), only the real tokens [N, H]
-        (see Llama.forward): they go back into their rows just for the attention."""
+        """x [B, T, H]; or, with `rows` (Llama.forward's TokenRows), only the
+        tokens computed [N, H]: they go back into their rows just for the attention."""
         q = self.q_proj(x).unflatten(-1, (self.n_head, self.hd))  # [B, T, nh, hd] or [N, nh, hd]
         k = self.k_proj(x).unflatten(-1, (self.n_kv, self.hd))
         v = self.v_proj(x).unflatten(-1, (self.n_kv, self.hd))
@@ -159,14 +160,26 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_head)  # [B, nh, T, hd]
         y = y.transpose(1, 2).flatten(2)  # [B, T, nh * hd]
         if rows is not None:
-            y = y.flatten(0, 1)[rows[0]]  # back to the real tokens [N, nh * hd]
+            y = y.flatten(0, 1)[rows.keep]  # back to the computed tokens [N, nh * hd]
         return self.o_proj(y)
 
 
+class TokenRows(typing.NamedTuple):
+    """Which slots of a [B, T] batch the layers compute (Llama.forward).
+    keep [N]: the flat slot of each computed token. source [B * T]: for every
+    slot, the computed token it shows (0..N-1), or N for padding."""
+    keep: torch.Tensor
+    source: torch.Tensor
+    B: int
+    T: int
+
+
 def to_rows(t, rows):
-    """Real tokens [N, ...] -> [B, T, ...] with zeros at the padding slots."""
-    keep, B, T = rows
-    return t.new_zeros(B * T, *t.shape[1:]).index_copy(0, keep, t).unflatten(0, (B, T))
+    """Computed tokens [N, ...] -> [B, T, ...]: each slot gets its token (a
+    shared prefix token appears in every row), zeros at the padding slots.
+    Autograd adds up the gradients of a token shown in several slots."""
+    padded = torch.cat([t, t.new_zeros(1, *t.shape[1:])])  # row N: the padding slot's zeros
+    return padded[rows.source].unflatten(0, (rows.B, rows.T))
 
 
 class MLP(nn.Module):
@@ -246,12 +259,13 @@ class Llama(nn.Module):
                 attention_mask = torch.ones_like(input_ids)
             valid = attention_mask.bool()
             positions, mask = positions_and_mask(valid, segments)
-            if not valid.all():
-                # Padding: every layer but the attention runs on the N real tokens
-                # alone ([N, H] instead of [B, T, H]), so padding costs no matmuls.
-                keep = valid.flatten().nonzero().squeeze(1)
-                rows = (keep, B, T)
-                input_ids, positions = input_ids.flatten()[keep], positions.flatten()[keep]
+            # Every layer but the attention runs on each distinct real token
+            # once ([N, H] instead of [B, T, H]): padding costs no matmuls, and
+            # leading slots alike in every row (a chat template's system
+            # prompt) run in row 0 only.
+            rows = token_rows(input_ids, valid, segments)
+            if rows is not None:
+                input_ids, positions = input_ids.flatten()[rows.keep], positions.flatten()[rows.keep]
         x = self.model.embed_tokens(input_ids)
         freqs = positions[..., None, None].float() * self.inv_freq  # [B, T, 1, hd/2] or [N, 1, hd/2]
         emb = torch.cat((freqs, freqs), dim=-1)
@@ -282,6 +296,35 @@ class Llama(nn.Module):
     def reward(self, input_ids, attention_mask, segments=None):
         """Scalar rewards: the score head on `reward_features`. [B], or [B, 2] with segments."""
         return self.score(self.reward_features(input_ids, attention_mask, segments))[..., 0]
+
+
+def shared_prefix_length(input_ids, valid, segments=None) -> int:
+    """How many leading slots hold the same real token (and segment) in every
+    row of a batch of two or more. Those slots compute the same thing in every
+    row: causal attention sees only earlier slots, which are alike too."""
+    if input_ids.shape[0] < 2:
+        return 0
+    alike = valid.all(0) & (input_ids == input_ids[:1]).all(0)  # [T]
+    if segments is not None:
+        alike &= (segments == segments[:1]).all(0)
+    return int(alike.long().cumprod(0).sum())
+
+
+def token_rows(input_ids, valid, segments=None) -> TokenRows | None:
+    """The slots a forward pass computes: every real slot, except the leading
+    slots of rows 1.. that row 0 holds alike (shared_prefix_length). None when
+    that is every slot."""
+    B, T = valid.shape
+    shared = shared_prefix_length(input_ids, valid, segments)
+    if not shared and valid.all():
+        return None
+    computed = valid.clone()
+    computed[1:, :shared] = False
+    keep = computed.flatten().nonzero().squeeze(1)  # [N]
+    source = torch.full((B, T), len(keep), dtype=torch.long, device=valid.device)  # N: padding
+    source.view(-1)[keep] = torch.arange(len(keep), device=valid.device)
+    source[1:, :shared] = source[0, :shared]  # the shared slots show row 0's tokens
+    return TokenRows(keep, source.flatten(), B, T)
 
 
 def last_token_index(attention_mask: torch.Tensor, segments: torch.Tensor | None = None) -> torch.Tensor:

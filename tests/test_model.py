@@ -117,18 +117,63 @@ def test_padded_batch_trains_as_its_rows_alone(checkpointing):
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_pair_rows_compute_each_answer_as_prompt_plus_answer_alone(checkpointing):
+def test_a_beginning_every_row_shares_runs_once_and_trains_as_each_row_alone(checkpointing):
+    """Rows that start alike (a chat template's system prompt): the layers run
+    those slots in row 0 only, yet every row's outputs, and the weight
+    gradients of a loss on all of them, equal each row's run alone."""
+    m = random_model(5).train()
+    m.gradient_checkpointing = checkpointing
+    g = torch.Generator().manual_seed(2)
+    common = torch.randint(3, 320, (6,), generator=g).tolist()
+    rows = [common + torch.randint(3, 320, (n,), generator=g).tolist() for n in (9, 1, 4)]
+    rows.append(list(rows[0]))  # a row twice: every slot alike
+    ids, mask = data.right_pad(rows, 0)
+    computed = model_lib.token_rows(ids, mask.bool())
+    assert len(computed.keep) == int(mask.sum()) - 3 * len(common)  # the beginning once, not 4 times
+    hidden = m(ids, mask, return_hidden=True)
+    hidden[mask.bool()].sin().sum().backward()
+    together = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    for row, tokens in enumerate(rows):
+        alone = m(torch.tensor([tokens]), return_hidden=True)[0]
+        assert (alone - hidden[row, :len(tokens)]).abs().max().item() < 1e-5, row
+        alone.sin().sum().backward()
+    for n, p in m.named_parameters():
+        assert (p.grad - together[n]).abs().max().item() < 1e-4 * max(1.0, together[n].abs().max().item()), n
+
+
+def test_shared_prefix_length():
+    ids = torch.tensor([[5, 6, 7, 8], [5, 6, 9, 8], [5, 6, 7, 0]])
+    valid = torch.ones_like(ids, dtype=torch.bool)
+    assert model_lib.shared_prefix_length(ids, valid) == 2
+    assert model_lib.shared_prefix_length(ids[:1], valid[:1]) == 0  # one row: nothing to share
+    assert model_lib.shared_prefix_length(ids[[0, 0]], valid[:2]) == 4
+    left_padded = valid.clone()
+    left_padded[1, 0] = False
+    assert model_lib.shared_prefix_length(ids, left_padded) == 0
+    segments = torch.tensor([[0, 0, 1, 1], [0, 1, 1, 1], [0, 0, 1, 1]])
+    assert model_lib.shared_prefix_length(ids, valid, segments) == 1  # row 1's slot 1 is in another segment
+    assert model_lib.token_rows(ids[:1], valid[:1]) is None  # nothing to skip
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("common", [0, 5])
+def test_pair_rows_compute_each_answer_as_prompt_plus_answer_alone(checkpointing, common):
     """data.collate_pairs puts [prompt | chosen | rejected] in one row; with
     `segments` each answer's hidden states (positions included) and the
-    weight gradients equal those of prompt + answer run as separate rows."""
+    weight gradients equal those of prompt + answer run as separate rows,
+    also when the prompts begin alike (`common` tokens, run once)."""
     m = random_model(4).train()
     m.gradient_checkpointing = checkpointing
     g = torch.Generator().manual_seed(1)
-    ex = [{"prompt_ids": torch.randint(3, 320, (n,), generator=g).tolist(),
+    start = torch.randint(3, 320, (common,), generator=g).tolist()
+    ex = [{"prompt_ids": start + torch.randint(3, 320, (n,), generator=g).tolist(),
            "chosen_ids": torch.randint(3, 320, (c,), generator=g).tolist(),
            "rejected_ids": torch.randint(3, 320, (r,), generator=g).tolist(), "index": i}
           for i, (n, c, r) in enumerate([(7, 5, 9), (1, 3, 2), (12, 10, 4)])]  # a one-token prompt too
     batch = data.collate_pairs(ex, pad_id=0)
+    computed = model_lib.token_rows(batch["input_ids"], batch["attention_mask"].bool(), batch["segments"])
+    assert len(computed.keep) == int(batch["attention_mask"].sum()) - 2 * common
     hidden = m(batch["input_ids"], batch["attention_mask"], return_hidden=True, segments=batch["segments"])
     seg = batch["segments"]
     hidden[batch["attention_mask"].bool()].sin().sum().backward()
