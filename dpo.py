@@ -17,8 +17,9 @@ The reference model, three ways (--ref):
   --reference-free      no reference at all (the ref log-probs are 0).
 
 Speed on a CPU: each pair is one row [prompt | chosen | rejected] in which
-both answers branch off a prompt computed once (data.collate_pairs), padding
-is skipped by the model, batches are length-grouped, and the log-probs come
+both answers branch off a prompt computed once (data.collate_pairs), the
+model skips padding and runs the beginning all rows share (the chat
+template's system prompt) once per batch, batches are length-grouped, and the log-probs come
 from the hidden states chunk by chunk (--logprob-impl chunked, the default off
 GPU) so the [B, T, V] logits never exist. Least memory:
 `THP_MEM_ALLOC_ENABLE=1 python dpo.py --grad-checkpointing ...` (one step on
