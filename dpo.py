@@ -19,9 +19,9 @@ The reference model, three ways (--ref):
 Speed on a CPU: each pair is one row [prompt | chosen | rejected] in which
 both answers branch off a prompt computed once (data.collate_pairs), the
 model skips padding and runs the beginning all rows share (the chat
-template's system prompt) once per batch, batches are length-grouped, and the log-probs come
-from the hidden states chunk by chunk (--logprob-impl chunked, the default off
-GPU) so the [B, T, V] logits never exist. Least memory:
+template's system prompt) once per batch, batches are length-grouped, and
+the log-probs come from the hidden states chunk by chunk (--logprob-impl
+chunked, the default off GPU) so the [B, T, V] logits never exist. Least memory:
 `THP_MEM_ALLOC_ENABLE=1 python dpo.py --grad-checkpointing ...` (one step on
 4 PKU pairs: 0.33 of TRL's DPOTrainer's memory, 2.6x faster; README).
 
