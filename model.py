@@ -166,20 +166,23 @@ class Attention(nn.Module):
 
 class TokenRows(typing.NamedTuple):
     """Which slots of a [B, T] batch the layers compute (Llama.forward).
-    keep [N]: the flat slot of each computed token. source [B * T]: for every
-    slot, the computed token it shows (0..N-1), or N for padding."""
+    keep [N]: the flat slot of each computed token; the first `shared` slots
+    are computed in row 0 only, and rows 1.. show row 0's."""
     keep: torch.Tensor
-    source: torch.Tensor
+    shared: int
     B: int
     T: int
 
 
 def to_rows(t, rows):
-    """Computed tokens [N, ...] -> [B, T, ...]: each slot gets its token (a
-    shared prefix token appears in every row), zeros at the padding slots.
-    Autograd adds up the gradients of a token shown in several slots."""
-    padded = torch.cat([t, t.new_zeros(1, *t.shape[1:])])  # row N: the padding slot's zeros
-    return padded[rows.source].unflatten(0, (rows.B, rows.T))
+    """Computed tokens [N, ...] -> [B, T, ...]: each slot gets its token, the
+    shared slots row 0's in every row, zeros at the padding slots. (Both steps
+    have deterministic backward passes: a gather, and a sum over the rows.)"""
+    out = t.new_zeros(rows.B * rows.T, *t.shape[1:]).index_copy(0, rows.keep, t).unflatten(0, (rows.B, rows.T))
+    if rows.shared:
+        beginning = out[:1, :rows.shared].expand(rows.B, *[-1] * (out.dim() - 1))
+        out = torch.cat([beginning, out[:, rows.shared:]], dim=1)
+    return out
 
 
 class MLP(nn.Module):
@@ -320,11 +323,7 @@ def token_rows(input_ids, valid, segments=None) -> TokenRows | None:
         return None
     computed = valid.clone()
     computed[1:, :shared] = False
-    keep = computed.flatten().nonzero().squeeze(1)  # [N]
-    source = torch.full((B, T), len(keep), dtype=torch.long, device=valid.device)  # N: padding
-    source.view(-1)[keep] = torch.arange(len(keep), device=valid.device)
-    source[1:, :shared] = source[0, :shared]  # the shared slots show row 0's tokens
-    return TokenRows(keep, source.flatten(), B, T)
+    return TokenRows(computed.flatten().nonzero().squeeze(1), shared, B, T)
 
 
 def last_token_index(attention_mask: torch.Tensor, segments: torch.Tensor | None = None) -> torch.Tensor:
