@@ -49,6 +49,12 @@ def batches(tok, kind, n, size=8, seed=0):
     return [collate(examples[i:i + size], tok.pad_id) for i in range(0, n * size, size)]
 
 
+def tokens_computed(batch) -> int:
+    """Tokens the layers run for this batch (model.token_rows; None: every slot)."""
+    rows = model_lib.token_rows(batch["input_ids"], batch["attention_mask"].bool(), batch.get("segments"))
+    return batch["input_ids"].numel() if rows is None else len(rows.keep)
+
+
 def answer_logps(net, batch):
     """Summed log-prob of every trained token, after a backward pass through it."""
     hidden = net(batch["input_ids"], batch["attention_mask"], return_hidden=True, segments=batch.get("segments"))
@@ -69,9 +75,7 @@ def main():
     for kind in ("dpo", "sit"):
         work = batches(tok, kind, a.batches)
         real = sum(int(b["attention_mask"].sum()) for b in work)
-        computed = sum(len(rows.keep) if rows is not None else int(b["attention_mask"].sum())
-                       for b in work
-                       for rows in [model_lib.token_rows(b["input_ids"], b["attention_mask"].bool(), b.get("segments"))])
+        computed = sum(tokens_computed(b) for b in work)
         answer_logps(net, work[0])  # warm-up
         seconds, logps = {"shared": [], "off": []}, {}
         for _ in range(a.rounds):

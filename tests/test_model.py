@@ -94,33 +94,37 @@ def test_kv_cache_forward_equals_full_forward():
     assert (stepped[real] - full[real]).abs().max().item() < 1e-4
 
 
+def assert_batch_trains_as_its_rows_alone(m, ids, mask):
+    """The outputs of the batch [B, T] at its real slots, and the weight
+    gradients of a loss on all of them, equal those of each row run alone."""
+    hidden = m(ids, mask, return_hidden=True)
+    assert hidden[~mask.bool()].abs().max() == 0  # padding slots are zeros
+    hidden[mask.bool()].sin().sum().backward()
+    together = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    for row in range(len(ids)):
+        real = mask[row].bool()
+        alone = m(ids[row:row + 1, real], return_hidden=True)[0]
+        assert (alone - hidden[row, real]).abs().max().item() < 1e-5, row
+        alone.sin().sum().backward()
+    for n, p in m.named_parameters():
+        assert (p.grad - together[n]).abs().max().item() < 1e-4 * max(1.0, together[n].abs().max().item()), n
+
+
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_padded_batch_trains_as_its_rows_alone(checkpointing):
-    """With padding the model computes on the real tokens only (Llama.forward):
-    the outputs and the weight gradients equal those of each row run alone."""
+    """With padding the model computes on the real tokens only (Llama.forward)."""
     m = random_model(3).train()
     m.gradient_checkpointing = checkpointing
     ids, mask = left_padded_batch(320)
     mask[0, 33:] = 0  # and right padding
-    hidden = m(ids, mask, return_hidden=True)
-    assert hidden[~mask.bool()].abs().max() == 0  # padding slots are zeros
-    (hidden[mask.bool()].sin().sum()).backward()
-    padded = {n: p.grad.clone() for n, p in m.named_parameters()}
-    m.zero_grad()
-    for row in range(3):
-        real = mask[row].bool()
-        alone = m(ids[row:row + 1, real], return_hidden=True)[0]
-        assert (alone - hidden[row, real]).abs().max().item() < 1e-5
-        alone.sin().sum().backward()
-    for n, p in m.named_parameters():
-        assert (p.grad - padded[n]).abs().max().item() < 1e-4 * max(1.0, padded[n].abs().max().item()), n
+    assert_batch_trains_as_its_rows_alone(m, ids, mask)
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_a_beginning_every_row_shares_runs_once_and_trains_as_each_row_alone(checkpointing):
     """Rows that start alike (a chat template's system prompt): the layers run
-    those slots in row 0 only, yet every row's outputs, and the weight
-    gradients of a loss on all of them, equal each row's run alone."""
+    those slots in row 0 only, yet the batch trains as its rows alone."""
     m = random_model(5).train()
     m.gradient_checkpointing = checkpointing
     g = torch.Generator().manual_seed(2)
@@ -130,16 +134,7 @@ def test_a_beginning_every_row_shares_runs_once_and_trains_as_each_row_alone(che
     ids, mask = data.right_pad(rows, 0)
     computed = model_lib.token_rows(ids, mask.bool())
     assert len(computed.keep) == int(mask.sum()) - 3 * len(common)  # the beginning once, not 4 times
-    hidden = m(ids, mask, return_hidden=True)
-    hidden[mask.bool()].sin().sum().backward()
-    together = {n: p.grad.clone() for n, p in m.named_parameters()}
-    m.zero_grad()
-    for row, tokens in enumerate(rows):
-        alone = m(torch.tensor([tokens]), return_hidden=True)[0]
-        assert (alone - hidden[row, :len(tokens)]).abs().max().item() < 1e-5, row
-        alone.sin().sum().backward()
-    for n, p in m.named_parameters():
-        assert (p.grad - together[n]).abs().max().item() < 1e-4 * max(1.0, together[n].abs().max().item()), n
+    assert_batch_trains_as_its_rows_alone(m, ids, mask)
 
 
 def test_shared_prefix_length():
