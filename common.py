@@ -34,6 +34,14 @@ import torch.distributed as dist
 import model as model_lib
 
 
+def write_atomic(path, text: str):
+    """Write `text` to `path` so that a reader sees the old file or the new one, never half of it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 # ----------------------------------------------------------------------------
 # Arguments
 
