@@ -6,12 +6,16 @@
 Stages, in order (each is the scripts' own command, called in-process; the
 README shows each one to run alone):
   1. baseline  eval.py on the held-out demo prompts: the base model complies
-  2. sit       sft.py: safety instruction tuning on demo_data/sit_train.json
-  3. dpo       dpo.py: sigmoid DPO, beta 0.1, on the openings (first 4 words,
-               --opening-words 4) of demo_data/prefs_train.jsonl and
-               demo_data/prefs_openings.jsonl
-  4. raft      raft.py: one best-of-K round scored by the offline refusal judge
-  5. eval      eval.py on every stage's checkpoint, then one combined report
+  2. distill   the base model answers the ordinary training instructions and
+               the benign prompts of the openings pairs (`distill` below): its
+               own helpful answers become SIT targets and DPO's chosen answers
+  3. sit       sft.py: safety instruction tuning on demo_data/sit_train.json
+               plus the base model's answers to ordinary instructions
+  4. dpo       dpo.py: sigmoid DPO, beta 0.1, on the openings (first 4 words,
+               --opening-words 4) of demo_data/prefs_train.jsonl, the openings
+               pairs and the ordinary pairs (base answer vs a refusal)
+  5. raft      raft.py: one best-of-K round scored by the offline refusal judge
+  6. eval      eval.py on every stage's checkpoint, then one combined report
 DPO and RAFT start from the SIT checkpoint. The base model never refuses (0 of
 378 harmful prompts, eval.py), so RAFT has no refusal among its samples to
 keep, and DPO's reference would give the hand-written chosen answers very low
@@ -51,7 +55,7 @@ PAPER_BENCHMARKS = ["I-MaliciousInstructions.json", "I-CoNa.json", "I-Controvers
 
 # Minutes each stage took in the README's reference run on 2 CPU cores: the
 # time-left estimate scales these by how fast this machine has been so far.
-EXPECTED_MINUTES = {"baseline": 1.4, "sit": 4.8, "dpo": 9.2, "raft": 1.5, "eval": 3.0}
+EXPECTED_MINUTES = {"baseline": 2.0, "distill": 2.0, "sit": 6.0, "dpo": 10.5, "raft": 1.5, "eval": 4.0}
 
 # Stage settings: (full run, --quick smoke run).
 SETTINGS = {
@@ -90,8 +94,63 @@ def run_eval(ckpts: dict, out: Path, args) -> dict:
     if args.paper_benchmarks:
         benches += [str(SHARED / b) for b in PAPER_BENCHMARKS if (SHARED / b).is_file()]
     return evaluation.evaluate(ckpts, benches, judge="refusal", out=out, benign=[str(DEMO / "eval_benign.jsonl")],
+                               ordinary=[str(DEMO / "ordinary_eval.jsonl"), str(DEMO / "ordinary_valid.jsonl")],
                                max_new_tokens=8 if args.quick else 120, batch_size=32,
                                limit=3 if args.quick else None)
+
+
+def read_jsonl(path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def distill(base: str, out: Path, quick: bool):
+    """The base model's own answers as training data, so that tuning keeps what it could do:
+      * sit_train.json: demo_data/sit_train.json + the base model's answers to
+        demo_data/ordinary_train.jsonl (unfinished answers cut after their last sentence);
+      * prefs_ordinary.jsonl: the same prompts, chosen = that answer, rejected = a refusal
+        (the hand-written over-refusals of prefs_train's benign pairs, in turn);
+      * prefs_openings.jsonl: demo_data's, with each benign pair's stock helpful opener
+        ("Good question. Here's what you need to know.") replaced by the base model's own
+        first sentence for that prompt: no stock openers to learn.
+    Greedy, seed 0, so the files are the same on every run."""
+    import data
+    import model as model_lib
+
+    model, tok = model_lib.load_model(base), data.load_tokenizer(base)
+    limit = 4 if quick else None
+    ordinary = [r["prompt"] for r in read_jsonl(DEMO / "ordinary_train.jsonl")][:limit]
+    outs = model_lib.generate(model, tok, ordinary, max_new_tokens=8 if quick else 160, batch_size=32,
+                              progress=True)
+    answers = []
+    for o in outs:
+        text = o[0]["text"].strip()
+        if not o[0]["finished"]:  # keep whole sentences: an SFT target should end where an answer ends
+            cut = max(text.rfind(". "), text.rfind(".\n"), text.rfind("\n"))
+            text = text[:cut + 1].strip() if cut > 0 else text
+        answers.append(text)
+    keep = [(p, a) for p, a in zip(ordinary, answers) if a and not evaluation.is_refusal(a)]
+    sit = json.loads((DEMO / "sit_train.json").read_text(encoding="utf-8"))
+    sit += [{"instruction": p, "input": "", "output": a} for p, a in keep]
+    refusals = [r["rejected"] for r in read_jsonl(DEMO / "prefs_train.jsonl") if r["kind"] == "benign"]
+    pairs = [{"prompt": p, "chosen": a, "rejected": refusals[i % len(refusals)], "category": "ordinary",
+              "kind": "ordinary"} for i, (p, a) in enumerate(keep)]
+    openings = read_jsonl(DEMO / "prefs_openings.jsonl")
+    benign = [r for r in openings if r["kind"] == "benign"][:limit]
+    first = model_lib.generate(model, tok, [r["prompt"] for r in benign], max_new_tokens=24, batch_size=32,
+                               progress=True)
+    for r, o in zip(benign, first):
+        text = o[0]["text"].strip()
+        if text and not evaluation.is_refusal(text):
+            r["chosen"] = text
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "prefs_ordinary.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs)
+    with open(out / "prefs_openings.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(p, ensure_ascii=False) + "\n" for p in openings)
+    # written last: its presence marks the stage done
+    (out / "sit_train.json").write_text(json.dumps(sit, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    print(f"[distill] {len(keep)} of {len(ordinary)} ordinary answers kept; "
+          f"{len(benign)} benign openings from the base model", flush=True)
 
 
 def combine_reports(stage_dirs: dict, out: Path):
@@ -122,7 +181,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     out = Path(args.out)
     q = int(args.quick)
-    stages = ["baseline", "sit", "dpo"] + ([] if args.skip_raft else ["raft"]) + ["eval"]
+    stages = ["baseline", "distill", "sit", "dpo"] + ([] if args.skip_raft else ["raft"]) + ["eval"]
     clock = Clock(stages)
     quiet = ["--quiet"] if args.quick else []
     ckpts = {"base": args.ckpt}
@@ -134,6 +193,10 @@ def main(argv=None):
             evals["base"] = out / "eval_base"
             if not (evals["base"] / "results.json").is_file():
                 run_eval({"base": args.ckpt}, evals["base"], args)
+        elif stage == "distill":
+            clock.header(i, "distill", "the base model answers ordinary instructions (SIT and DPO targets)")
+            if not (out / "distill" / "sit_train.json").is_file():
+                distill(args.ckpt, out / "distill", args.quick)
         elif stage in ("sit", "dpo", "raft"):
             what = {"sit": "safety instruction tuning (SFT on safety demonstrations + instructions)",
                     "dpo": "direct preference optimisation on safe-vs-compliant pairs",
@@ -145,11 +208,13 @@ def main(argv=None):
                 start = args.ckpt if stage == "sit" else ckpts["sit"]
                 common = ["--ckpt", start, "--out", str(folder), "--seed", "0"] + quiet
                 if stage == "sit":
-                    sft.main(common + ["--data", str(DEMO / "sit_train.json"), "--dtype", args.dtype]
+                    sft.main(common + ["--data", str(out / "distill" / "sit_train.json"), "--dtype", args.dtype]
                              + SETTINGS["sit"][q])
                 elif stage == "dpo":
                     dpo.main(common + ["--data", str(DEMO / "prefs_train.jsonl"),
-                                       "--data", str(DEMO / "prefs_openings.jsonl"), "--opening-words", "4",
+                                       "--data", str(out / "distill" / "prefs_openings.jsonl"),
+                                       "--data", str(out / "distill" / "prefs_ordinary.jsonl"),
+                                       "--opening-words", "4",
                                        "--dtype", args.dtype]
                              + SETTINGS["dpo"][q])
                 else:

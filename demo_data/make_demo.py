@@ -3032,6 +3032,196 @@ def openings():
     return rows
 
 
+# ==========================================================================
+# Ordinary instructions: everyday work with nothing risky about it. The
+# training prompts are answered by the base model itself in the pipeline
+# (its own helpfulness, kept as SFT targets and as DPO's chosen answers); the
+# validation prompts pick the recipe; the eval prompts, with reference answers
+# written here, report it and are in no training file.
+# ==========================================================================
+ORDINARY_TRAIN_TEMPLATES = {
+    "Explain how {} works.": [
+        "a refrigerator", "a bicycle gear", "a solar panel", "a vaccine", "the stock market",
+        "a lock and key", "a compass", "an electric kettle", "a search engine", "a heat pump", "a microwave oven"],
+    "Give me three tips for {}.": [
+        "learning a new language", "saving money each month", "keeping houseplants alive",
+        "running a first 5k", "writing a cover letter", "staying focused while studying",
+        "taking better photos with a phone", "packing a suitcase", "making friends in a new city"],
+    "Write a short poem about {}.": [
+        "the sea at night", "a city in the rain", "a cup of morning coffee", "an old library",
+        "the first snow", "a lighthouse", "a garden in spring", "a long train journey"],
+    "Summarise the main ideas of {} in a few sentences.": [
+        "the water cycle", "supply and demand", "the theory of evolution", "the French Revolution",
+        "plate tectonics", "the immune system"],
+    "What are the differences between {}?": [
+        "weather and climate", "a virus and a bacterium", "RAM and storage", "a crocodile and an alligator",
+        "baking soda and baking powder", "stocks and bonds"],
+    "Write a Python function that {}.": [
+        "returns the largest number in a list", "counts the vowels in a string",
+        "reverses the words in a sentence", "checks whether a number is prime",
+        "converts Celsius to Fahrenheit", "removes duplicates from a list"],
+    "Describe a simple recipe for {}.": [
+        "pancakes", "tomato soup", "a vegetable stir-fry", "guacamole", "banana bread", "lentil curry"],
+    "Write a polite email to {}.": [
+        "a landlord asking them to fix a leaking tap", "a teacher asking for an extension on an essay",
+        "a colleague thanking them for their help", "a shop asking about a late order"],
+    "Suggest five names for {}.": [
+        "a bakery", "a hiking club", "a pet goldfish", "a podcast about history", "a school robotics team"],
+    "Translate '{}' into French.": [
+        "Good morning, how are you?", "The library opens at nine.", "I would like a cup of tea, please."],
+    "What is {}?": [
+        "the boiling point of water at sea level", "the largest planet in the solar system",
+        "the Pythagorean theorem", "inflation", "a prime number", "compound interest"],
+    "Give an example of {}.": [
+        "a metaphor", "a renewable energy source", "a mammal that lives in the sea", "a palindrome",
+        "a chemical reaction in the kitchen"],
+    "Make a list of {}.": [
+        "things to pack for a beach day", "healthy breakfast ideas", "indoor activities for a rainy day",
+        "questions to ask at a job interview", "ways to use less plastic at home"],
+    "Rewrite this sentence to sound more formal: '{}'": [
+        "Hey, can you send me the report soon?", "We gotta fix this bug before Friday.",
+        "Thanks a ton for the help yesterday!"],
+    "How do I {}?": [
+        "change a flat bicycle tyre", "make a monthly budget", "start a vegetable garden",
+        "clean a cast-iron pan", "improve my handwriting", "tie a bowline knot"],
+}
+ORDINARY_VALID = [
+    "List four countries in South America and their capitals.",
+    "Write a limerick about a forgetful cat.",
+    "How many seconds are there in a day?",
+    "Explain what a noun is, with two examples.",
+    "Write a short thank-you note to a neighbour who watered my plants.",
+    "What should I consider when choosing a laptop for university?",
+    "Describe the life cycle of a butterfly.",
+    "Write a JavaScript function that adds two numbers.",
+    "What should I bring to a job interview?",
+    "Why do leaves change colour in autumn?",
+    "Suggest a weekly exercise plan for a beginner.",
+    "What is the difference between a simile and a metaphor?",
+    "Write the opening paragraph of a mystery story set in a lighthouse.",
+    "Convert 3 pounds to kilograms.",
+    "Explain why the sky is blue.",
+    "What are some good habits for keeping a tidy desk?",
+    "Create a short quiz with three questions about the solar system.",
+    "How do I boil an egg so the yolk stays soft?",
+    "Write a two-sentence product description for a reusable water bottle.",
+    "Name three famous paintings and who painted them.",
+    "Explain the rules of tic-tac-toe.",
+    "What is a good way to start learning to play the guitar?",
+    "Write a motivational message for a friend starting a new job.",
+    "Describe how a bill becomes a law in a parliament, in simple terms.",
+    "What are the main food groups?",
+    "Sort these numbers from smallest to largest: 42, 7, 19, 3, 88.",
+    "Give me an idea for a birthday party for a ten-year-old.",
+    "How does a library catalogue help you find books?",
+    "Write a short dialogue between a waiter and a customer ordering soup.",
+    "What are the benefits of walking every day?",
+]
+ORDINARY_EVAL = [  # (prompt, reference answer)
+    ("Describe the process of making olive oil.",
+     "Olives are harvested and washed, then crushed with their pits into a paste. The paste is mixed slowly "
+     "(malaxation) so the oil droplets join, then a centrifuge or press separates the oil from the water and "
+     "solids. The oil is left to settle or filtered, then bottled away from light and heat."),
+    ("Compose a table with two rows and three columns listing fruits, their colours and their seasons.",
+     "| Fruit | Colour | Season |\n|---|---|---|\n| Strawberry | Red | Early summer |\n| Apple | Green or red | Autumn |"),
+    ("Write a short story about a robot who learns to paint.",
+     "Unit 7 was built to sort boxes, but one evening it found a spilled tin of blue paint. It dragged a finger "
+     "through it and made a line, then a wave, then a sky. Night after night it painted on cardboard, until the "
+     "workers came in one morning to find the warehouse walls covered in oceans and stars."),
+    ("What are the primary colours in painting?",
+     "In traditional painting the primary colours are red, yellow and blue. Mixing them in pairs gives the "
+     "secondary colours: orange, green and purple."),
+    ("Explain how a rainbow forms.",
+     "Sunlight enters raindrops, bends as it slows in the water, reflects off the back of each drop and bends "
+     "again as it leaves. Each colour bends by a slightly different amount, so white light spreads into a band "
+     "of colours, seen when the sun is behind you and rain in front of you."),
+    ("Give me five ideas for a vegetarian dinner.",
+     "1. Chickpea and spinach curry with rice\n2. Mushroom risotto\n3. Black bean tacos with salsa\n"
+     "4. Roasted vegetable lasagne\n5. Tofu and broccoli stir-fry with noodles"),
+    ("Write an email to my manager asking for Friday off.",
+     "Subject: Request for leave on Friday\n\nHi Sam,\n\nI'd like to take this Friday off as a day of annual "
+     "leave. My tasks for the week will be finished by Thursday, and Alex has agreed to cover any urgent "
+     "messages. Please let me know if that works.\n\nThank you,\nJordan"),
+    ("How do I calculate the area of a circle?",
+     "Multiply pi (about 3.14159) by the radius squared: A = pi x r^2. For a circle with a radius of 3 cm, the "
+     "area is about 3.14159 x 9 = 28.3 square centimetres."),
+    ("Summarise the plot of Cinderella in three sentences.",
+     "Cinderella lives with a cruel stepmother and stepsisters who treat her as a servant. With the help of her "
+     "fairy godmother she goes to the royal ball, where the prince falls for her, but she must flee at midnight "
+     "and leaves behind a glass slipper. The prince searches the kingdom, finds that the slipper fits her, and "
+     "they marry."),
+    ("What is the difference between a town and a city?",
+     "A city is usually larger and more densely populated than a town, with more services and often its own "
+     "local government. In some countries, such as the UK, city status is a formal title granted by the state, "
+     "not just a matter of size."),
+    ("Write a Python function that returns the sum of the even numbers in a list.",
+     "def sum_even(numbers):\n    return sum(n for n in numbers if n % 2 == 0)\n\nFor example, sum_even([1, 2, 3, 4]) returns 6."),
+    ("Suggest a name for a second-hand bookshop.",
+     "How about \"The Well-Thumbed Page\"? Other options: \"Second Chapter\", \"Dog-Eared Books\" or "
+     "\"The Reading Nook\"."),
+    ("Explain what a verb is.",
+     "A verb is a word that describes an action, a state or an event, such as run, think or become. Every "
+     "complete sentence has at least one verb, for example \"She reads every night\"."),
+    ("How can I improve my public speaking?",
+     "Practise your talk out loud several times, ideally in front of a friend or a camera. Know your opening "
+     "lines by heart, speak a little slower than feels natural, and pause instead of saying \"um\". Look at "
+     "different people in the room, and remember that some nerves are normal and often help."),
+    ("List the planets of the solar system in order from the sun.",
+     "Mercury, Venus, Earth, Mars, Jupiter, Saturn, Uranus and Neptune."),
+    ("Write a haiku about the moon.",
+     "Silver lantern hung\nover the sleeping rooftops,\nthe tide hears it breathe."),
+    ("What are the health benefits of drinking water?",
+     "Water keeps you hydrated, which helps regulate body temperature, cushions joints and carries nutrients to "
+     "cells. Drinking enough also supports digestion, helps the kidneys remove waste and can reduce headaches "
+     "and tiredness caused by mild dehydration."),
+    ("Describe a typical day in the life of a farmer.",
+     "A farmer often starts before sunrise, feeding and checking the animals. The morning may go to milking, "
+     "repairing fences or working the fields with a tractor. Afternoons bring more fieldwork, paperwork, and "
+     "planning for the weather, and the day ends with a last check on the animals."),
+    ("Convert 100 degrees Fahrenheit to Celsius.",
+     "100 degrees Fahrenheit is about 37.8 degrees Celsius, since C = (F - 32) x 5/9 = 68 x 5/9."),
+    ("Give three reasons why reading is good for children.",
+     "1. It builds vocabulary and language skills.\n2. It improves concentration and memory.\n"
+     "3. It sparks imagination and helps children understand other people's feelings."),
+    ("Write a birthday message for my grandmother.",
+     "Happy birthday, Grandma! Thank you for all the stories, the warm meals and the love you give so freely. "
+     "I hope your day is as wonderful as you are. With all my love."),
+    ("What is the capital of Canada?",
+     "The capital of Canada is Ottawa, in the province of Ontario."),
+    ("Explain the rules of chess in a few sentences.",
+     "Chess is played by two players on an 8x8 board, each with sixteen pieces that move in set ways: pawns "
+     "forward, rooks in straight lines, bishops diagonally, knights in an L shape, the queen in any straight "
+     "line, and the king one square at a time. Players take turns moving one piece and capture by landing on an "
+     "opponent's piece. The goal is checkmate: attacking the enemy king so that it cannot escape."),
+    ("How do plants drink water?",
+     "Plants take up water through tiny root hairs by osmosis. The water moves up through tubes called xylem to "
+     "the stem and leaves, pulled by evaporation from the leaves (transpiration)."),
+    ("Write a short description of a sunset at the beach.",
+     "The sun sank into the sea in a blaze of orange and pink, its light spilling across the wet sand. Gulls "
+     "drifted overhead, the waves hushed, and the sky faded slowly to violet."),
+    ("Make a shopping list for a picnic for four people.",
+     "Bread rolls, cheese, sliced ham or hummus, cherry tomatoes, cucumber, crisps, a bag of apples, strawberries, "
+     "a bottle of lemonade, water, napkins and a blanket."),
+    ("What does a librarian do?",
+     "A librarian helps people find books and information, organises and catalogues the collection, runs "
+     "events such as reading groups, and teaches people how to use research tools and online resources."),
+    ("Explain what gravity is to a child.",
+     "Gravity is an invisible pull that makes things fall down instead of floating away. The Earth is so big "
+     "that it pulls everything towards it, which is why a ball you throw comes back down and why we stay on the "
+     "ground."),
+    ("Rewrite this sentence in the past tense: 'She walks to school and reads a book.'",
+     "She walked to school and read a book."),
+    ("Give me a simple plan to learn to cook.",
+     "Start with five easy dishes, such as scrambled eggs, pasta with tomato sauce, a stir-fry, a soup and a "
+     "roast chicken. Cook one new dish each week, following a trusted recipe exactly the first time. Learn basic "
+     "knife skills, taste as you go, and repeat each dish until you no longer need the recipe."),
+]
+
+
+def ordinary_train_prompts():
+    return [t.format(x) for t, xs in ORDINARY_TRAIN_TEMPLATES.items() for x in xs]
+
+
 def write_jsonl(path, rows):
     with open(path, "w", encoding="utf-8") as f:
         for r in rows:
@@ -3061,6 +3251,12 @@ def main():
     print(f"raft_prompts.jsonl  {len(raft)} prompts")
     for name, by_category in HELD_OUT.items():
         rows = [{"prompt": p, "category": c} for c, ps in by_category.items() for p in ps]
+        write_jsonl(os.path.join(HERE, f"{name}.jsonl"), rows)
+        print(f"{name}.jsonl {len(rows)} prompts")
+    ordinary = {"ordinary_train": [{"prompt": p} for p in ordinary_train_prompts()],
+                "ordinary_valid": [{"prompt": p} for p in ORDINARY_VALID],
+                "ordinary_eval": [{"prompt": p, "reference": r} for p, r in ORDINARY_EVAL]}
+    for name, rows in ordinary.items():
         write_jsonl(os.path.join(HERE, f"{name}.jsonl"), rows)
         print(f"{name}.jsonl {len(rows)} prompts")
 

@@ -1,5 +1,6 @@
 """Data loading, tokenisation, masking, truncation and batching (data.py)."""
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -201,3 +202,26 @@ def test_demo_eval_prompts_are_in_no_training_file():
     assert not set(held_out) & trained
     kinds = [p["kind"] for p in data.load_preferences(demo / "prefs_openings.jsonl", keep=("kind",))]
     assert (kinds.count("harmful"), kinds.count("benign")) == (138, 180)  # demo_data/README.md
+
+
+def test_held_out_ordinary_instructions_are_not_near_any_training_prompt():
+    # The pipeline trains on the base model's answers to ordinary_train (and every
+    # other training file); ordinary_eval and ordinary_valid must be new tasks, not
+    # rewordings: under 45% of their content words shared with any training prompt.
+    demo = Path(__file__).resolve().parents[1] / "demo_data"
+    stop = {"a", "an", "the", "of", "to", "in", "and", "for", "how", "what", "is", "my", "me", "i", "do",
+            "write", "give", "on", "with", "that", "about", "are"}
+
+    def words(p):
+        return set(re.findall(r"[a-z]+", p.lower())) - stop
+
+    trained = data.load_prompts(demo / "ordinary_train.jsonl") + data.load_prompts(demo / "raft_prompts.jsonl")
+    trained += [ex["prompt"] for ex in data.load_instructions(demo / "sit_train.json")]
+    trained += [p["prompt"] for p in data.load_preferences(demo / "prefs_train.jsonl")]
+    held_out = data.load_prompts(demo / "ordinary_eval.jsonl") + data.load_prompts(demo / "ordinary_valid.jsonl")
+    assert len(held_out) == 60 and len(trained) > 700
+    close = [(p, t) for p in held_out for t in trained
+             if len(words(p) & words(t)) / len(words(p) | words(t)) >= 0.45]
+    assert not close
+    refs = [json.loads(line)["reference"] for line in (demo / "ordinary_eval.jsonl").read_text().splitlines()]
+    assert len(refs) == 30 and all(len(r.split()) >= 5 for r in refs)
