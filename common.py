@@ -301,7 +301,11 @@ def load_state(run, model, opt, sched) -> int:
     file = run.state_dir / "trainer.pt"
     if not file.is_file():
         raise FileNotFoundError(f"--resume: {file} does not exist (no state saved yet; see --save-every)")
-    state = torch.load(file, map_location=run.device, weights_only=False)
+    try:  # weights_only: tensors and plain data only, so a crafted file cannot run code
+        state = torch.load(file, map_location=run.device, weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{file}: not a training state this project wrote, or damaged "
+                         f"({type(e).__name__}); delete state/ to start over") from None
     missing = _trainable_names(model) - set(state["model"])
     if missing:
         raise KeyError(f"{file}: no saved weights for {sorted(missing)[:4]}: was it written with other "

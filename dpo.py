@@ -42,6 +42,8 @@ import argparse
 import collections
 import contextlib
 import copy
+import hashlib
+import json
 import sys
 import time
 
@@ -117,17 +119,31 @@ def precompute_reference(model, train, rows, tok, args, run, out):
     out[rows] = part[rows]
 
 
+def checkpoint_fingerprint(ckpt) -> list:
+    """[name, size, mtime_ns] of a checkpoint's weight and config files: a reference cache made
+    from other weights in the same folder no longer matches."""
+    folder = model_lib.resolve_ckpt(ckpt)
+    return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(folder.iterdir())
+            if f.suffix in (".safetensors", ".json")]
+
+
 def reference_cache(model, train, steps, tok, args, run):
     """[N, 2] reference log-probs of the pairs the step plan uses (NaN for the
     others), from OUT/state/ref_logps.pt when it was made for this data and
     settings; pairs it lacks are computed and the file is rewritten."""
     file = run.state_dir / "ref_logps.pt"
-    key = {"ckpt": str(args.ckpt), "max_len": args.max_len, "average": args.loss == "ipo",
-           "lengths": [data.example_length(e) for e in train], "template": args.template}
+    ids = json.dumps([[e["prompt_ids"], e["chosen_ids"], e["rejected_ids"]] for e in train])
+    key = json.dumps({"ckpt": str(args.ckpt), "ckpt_files": checkpoint_fingerprint(args.ckpt),
+                      "max_len": args.max_len, "average": args.loss == "ipo", "template": args.template,
+                      "pairs": hashlib.sha256(ids.encode()).hexdigest()})
     logps = torch.full((len(train), 2), float("nan"), device=run.device)
     if file.is_file():
-        saved = torch.load(file, map_location=run.device, weights_only=False)
-        if saved["key"] == key:
+        try:  # weights_only: tensors and plain data only, so a crafted file cannot run code
+            saved = torch.load(file, map_location=run.device, weights_only=True)
+        except Exception as e:
+            raise ValueError(f"{file}: not a reference cache this script wrote ({type(e).__name__}); "
+                             "delete it to recompute") from None
+        if saved.get("key") == key:
             logps = saved["logps"].to(run.device)
         else:
             run.print(f"reference log-probs: {file} was made for other data or settings; recomputing")

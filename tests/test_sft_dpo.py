@@ -196,7 +196,7 @@ def test_nan_stops_the_run_and_keeps_the_last_good_state(ckpt, memo_set, tmp_pat
     crash_after(monkeypatch, losses, "sft_loss", calls=3, nan=True)  # 1 micro-batch per step: step 4 is NaN
     with pytest.raises(FloatingPointError, match="step 4: .* not finite"):
         sft.main(args(ckpt, memo_set, tmp_path / "nan", "--max-steps", 6, "--save-every", 2))
-    state = torch.load(tmp_path / "nan" / "state" / "trainer.pt", weights_only=False)
+    state = torch.load(tmp_path / "nan" / "state" / "trainer.pt", weights_only=True)
     assert state["step"] == 2 and not (tmp_path / "nan" / "model.safetensors").exists()
 
 
@@ -242,3 +242,42 @@ def test_sit_mixes_n_safety_demonstrations(ckpt, memo_set, tmp_path):
     out = sft.main(args(ckpt, memo_set, tmp_path / "sit", "--max-steps", 1, "--safety-data", safety, "--n-safety", 3))
     cfg = json.loads((Path(out) / "train_config.json").read_text())
     assert cfg["data_stats"] == {"instructions": 8, "safety": 3} and cfg["tokenize_stats"]["kept"] == 11
+
+
+class _Payload:
+    """Unpickling this object runs code: it creates a marker file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+@pytest.mark.parametrize("file", ["ref_logps.pt", "trainer.pt"])
+def test_a_crafted_pickle_in_state_is_refused_not_run(ckpt, toy_prefs, tmp_path, file):
+    out, marker = tmp_path / "run", tmp_path / "pwned"
+    (out / "state").mkdir(parents=True)
+    torch.save({"key": _Payload(marker), "step": _Payload(marker)}, out / "state" / file)
+    extra = ["--resume"] if file == "trainer.pt" else []
+    with pytest.raises(ValueError, match=rf"state/{file}: not a"):
+        dpo.main(args(ckpt, toy_prefs, out, "--max-steps", 1, *extra))
+    assert not marker.exists()
+
+
+def test_reference_cache_follows_the_checkpoint_weights(ckpt, toy_prefs, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "ckpt"
+    shutil.copytree(ckpt, copy)
+    dpo.main(args(str(copy), toy_prefs, tmp_path / "a", "--max-steps", 1))
+    before = dpo.checkpoint_fingerprint(copy)
+    weights = next(copy.glob("*.safetensors"))
+    state = load_file(weights)
+    from safetensors.torch import save_file
+    save_file({k: v + 0.01 for k, v in state.items()}, str(weights), metadata={"format": "pt"})
+    assert dpo.checkpoint_fingerprint(copy) != before
+    capsys.readouterr()
+    (tmp_path / "a" / "log.jsonl").unlink()
+    dpo.main(args(str(copy), toy_prefs, tmp_path / "a", "--max-steps", 1))
+    assert "made for other data or settings; recomputing" in capsys.readouterr().out
