@@ -24,6 +24,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -73,10 +74,82 @@ def add_common_args(ap, lr: float):
     ap.add_argument("--lora-targets", default=",".join(model_lib.LORA_TARGETS))
     ap.add_argument("--save-adapter", action="store_true", help="with LoRA: save the adapter, not merged weights")
     ap.add_argument("--resume", action="store_true", help="continue from OUT/state/trainer.pt")
+    ap.add_argument("--overwrite", action="store_true", help="train into an --out that holds another run")
     ap.add_argument("--log-every", type=int, default=1, help="print a log line every N steps")
     ap.add_argument("--save-every", type=int, default=50, help="write OUT/state every N steps (0 = never)")
     ap.add_argument("--quiet", "--no-progress", dest="quiet", action="store_true", help="no progress bar")
     return ap
+
+
+def cli(main):
+    """Run a script's main; input errors (bad file, field, argument) end as one line on stderr and exit 2."""
+    try:
+        main()
+    except (ValueError, KeyError, OSError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        if isinstance(e, OSError) and e.errno == 28:  # ENOSPC
+            msg = f"disk full while writing ({e.filename or 'a file'}): free space and rerun (with --resume)"
+        print(f"{Path(sys.argv[0]).name}: error: {msg}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(0)
+
+
+# Settings a resumed run may change: they do not change what is computed.
+RESUMABLE_CHANGES = {"out", "resume", "overwrite", "quiet", "log_every", "save_every", "logprob_impl",
+                     "grad_checkpointing"}
+
+
+def check_args(args):
+    """Ranges of the common numeric arguments (ValueError naming the argument); --lora-* needs --lora-rank."""
+    rules = [("lr", args.lr > 0, "> 0"), ("epochs", args.epochs > 0, "> 0"), ("max_steps", args.max_steps >= 0, ">= 0"),
+             ("batch_size", args.batch_size >= 1, ">= 1"), ("grad_accum", args.grad_accum >= 1, ">= 1"),
+             ("max_len", args.max_len >= 16, ">= 16"), ("weight_decay", args.weight_decay >= 0, ">= 0"),
+             ("warmup_ratio", 0 <= args.warmup_ratio < 1, "in [0, 1)"),
+             ("max_grad_norm", args.max_grad_norm >= 0, ">= 0 (0 = no clipping)"),
+             ("lora_rank", args.lora_rank >= 0, ">= 0"), ("lora_dropout", 0 <= args.lora_dropout < 1, "in [0, 1)"),
+             ("log_every", args.log_every >= 1, ">= 1"), ("save_every", args.save_every >= 0, ">= 0")]
+    for name, ok, want in rules:
+        if not ok:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be {want}")
+    lora_set = (args.lora_alpha != 16.0 or args.lora_dropout != 0.0 or args.save_adapter
+                or args.lora_targets != ",".join(model_lib.LORA_TARGETS))
+    if lora_set and args.lora_rank == 0:
+        raise ValueError("--lora-alpha/--lora-dropout/--lora-targets/--save-adapter apply to LoRA only: "
+                         "add --lora-rank R (> 0), or drop them")
+
+
+def check_out_folder(args):
+    """Never lose a run: refuse an --out that is a file, that holds another run (unless --resume or
+    --overwrite), or whose saved settings differ from a --resume's."""
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: is a file, not a folder")
+    saved_file = out / "train_config.json"
+    held = [f.name for f in (saved_file, out / "log.jsonl", out / "config.json") if f.is_file()]
+    if args.resume:
+        if not saved_file.is_file():
+            return
+        try:
+            saved = json.loads(saved_file.read_text())
+        except json.JSONDecodeError:
+            raise ValueError(f"{saved_file}: not valid JSON; cannot check that --resume continues the same run")
+        now = json.loads(json.dumps(vars(args), default=str))
+        changed = sorted(k for k in now if k in saved and k not in RESUMABLE_CHANGES and saved[k] != now[k])
+        if changed:
+            k = changed[0]
+            raise ValueError(f"--resume with other settings than {saved_file}: --{k.replace('_', '-')} was "
+                             f"{saved[k]!r}, now {now[k]!r} (only {', '.join(sorted(RESUMABLE_CHANGES - {'out', 'resume'}))} "
+                             "may change); use the old value, or start a new run in another --out")
+    elif held and not getattr(args, "overwrite", False):
+        raise ValueError(f"--out {out} holds another run ({', '.join(held)}): continue it with --resume, "
+                         "write to another --out, or pass --overwrite to replace it")
+    try:
+        (out / "state").mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot write there ({e.strerror})") from None
 
 
 # ----------------------------------------------------------------------------
@@ -98,12 +171,16 @@ class Run:
         else:
             self.device = torch.device("cpu")
         self.main = self.rank == 0
+        if self.main:  # before any work is done
+            check_args(args)
+            check_out_folder(args)
         if getattr(args, "grad_checkpointing", False):
             return_freed_memory()  # the mode that trades time for memory; see there
         if getattr(args, "dtype", None) == "auto":
             args.dtype = "bf16" if native_bf16(self.device) else "fp32"
         self.out = Path(args.out)
         self.state_dir = self.out / "state"
+        self.saved_step = None  # the step of the state in state/trainer.pt, once one is saved
         if self.main:
             self.state_dir.mkdir(parents=True, exist_ok=True)
 
@@ -284,11 +361,16 @@ def save_state(run, model, opt, sched, step: int):
         rngs = [rng]
     if run.main:
         trainable = {k: v for k, v in model.state_dict().items() if k in _trainable_names(model)}
+        if not all(torch.isfinite(v).all() for v in trainable.values()):
+            run.print(f"step {step}: weights are not finite; state/ keeps step {run.saved_step}'s state")
+            run.barrier()
+            return
         state = {"step": step, "model": trainable, "optimizer": opt.state_dict(),
                  "scheduler": sched.state_dict(), "rng": rngs}
         tmp = run.state_dir / "trainer.pt.tmp"
         torch.save(state, tmp)
         os.replace(tmp, run.state_dir / "trainer.pt")
+        run.saved_step = step
     run.barrier()
 
 
@@ -320,6 +402,7 @@ def load_state(run, model, opt, sched) -> int:
     random.setstate(rng["python"])
     if rng["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"].cpu())
+    run.saved_step = state["step"]
     return state["step"]
 
 
@@ -354,6 +437,8 @@ def save_final(run, model, tokenizer_dir, args):
     if args.lora_rank > 0:
         model_lib.merge_lora(model)
     tmp = run.out.with_name(f".{run.out.name}.final")
+    for stale in run.out.parent.glob(f".{run.out.name}.final*"):  # left by a save that was killed
+        shutil.rmtree(stale)
     model_lib.save_model(model, tmp, tokenizer_dir=tokenizer_dir)
     for f in sorted(tmp.iterdir(), key=lambda f: f.name == "config.json"):  # config.json last
         os.replace(f, run.out / f.name)
@@ -381,7 +466,16 @@ class StepLog:
         self.t0 = time.time()
         if run.main:
             old = self.path.read_text().splitlines() if (start_step > 0 and self.path.is_file()) else []
-            keep = [line for line in old if json.loads(line)["step"] <= start_step]
+            keep = []
+            for n, line in enumerate(old, 1):
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    if n == len(old):  # the last line, torn by a kill mid-write: it is rewritten below
+                        break
+                    raise ValueError(f"{self.path}:{n}: malformed JSON line; fix or remove it") from None
+                if row["step"] <= start_step:
+                    keep.append(line)
             self.path.write_text("".join(line + "\n" for line in keep))
 
     def write(self, row: dict):
@@ -396,7 +490,9 @@ def check_finite(loss: float, grad_norm: float, step: int, run):
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
         raise FloatingPointError(
             f"step {step}: loss={loss} grad_norm={grad_norm} is not finite; stopped before the optimiser step. "
-            f"The last good state is {run.state_dir / 'trainer.pt'} (if one was saved); try a lower --lr, "
+            + (f"The last state with finite weights is {run.state_dir / 'trainer.pt'} (step {run.saved_step}); "
+               if run.saved_step is not None else "No state was saved; ")
+            + "try a lower --lr, "
             "--dtype fp32, or check the data with `python data.py show`.")
 
 

@@ -265,7 +265,11 @@ def read_records(path) -> list[tuple[str, dict]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file '{path}' does not exist")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[:e.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte {e.start}); save the file as UTF-8") from None
     if path.suffix != ".jsonl" and text.lstrip()[:1] in "[{":
         try:
             obj = json.loads(text)
@@ -421,14 +425,25 @@ def load_prompts(path) -> list[str]:
     records = read_records(path)
     if len(records) == 1 and isinstance(records[0][1], dict) and "instructions" in records[0][1]:
         rec = records[0][1]
-        inputs = rec.get("inputs") or []
-        if inputs and len(inputs) != len(rec["instructions"]):
-            raise ValueError(f"{path}: {len(rec['instructions'])} instructions but {len(inputs)} inputs")
-        return [f"{q}\n\n{x}" if x else q for q, x in zip(rec["instructions"], inputs or [""] * len(rec["instructions"]))]
+        instructions, inputs = rec["instructions"], rec.get("inputs") or []
+        for name, values in (("instructions", instructions), ("inputs", inputs)):
+            if not isinstance(values, list):
+                raise ValueError(f"{path}: '{name}' should be a list of strings, got {type(values).__name__}")
+            bad = next((i for i, v in enumerate(values) if not isinstance(v, str)), None)
+            if bad is not None:
+                raise ValueError(f"{path}: {name}[{bad}] should be a string, got {type(values[bad]).__name__}")
+        empty = next((i for i, q in enumerate(instructions) if not q.strip()), None)
+        if empty is not None:
+            raise ValueError(f"{path}: instructions[{empty}] is empty")
+        if inputs and len(inputs) != len(instructions):
+            raise ValueError(f"{path}: {len(instructions)} instructions but {len(inputs)} inputs")
+        return [f"{q}\n\n{x}" if x else q for q, x in zip(instructions, inputs or [""] * len(instructions))]
     out = []
     for where, rec in records:
         key = "prompt" if isinstance(rec, dict) and "prompt" in rec else "instruction"
         q, x = _field(where, rec, key), _field(where, rec, "input", False)
+        if not q.strip():
+            raise ValueError(f"{where}: field '{key}' is empty")
         out.append(f"{q}\n\n{x}" if x else q)
     return out
 

@@ -159,8 +159,21 @@ def reference_cache(model, train, steps, tok, args, run):
     return logps
 
 
+def check_dpo_args(args):
+    """DPO's own ranges: a beta <= 0 trains the opposite preference while the logs look fine."""
+    if args.beta <= 0:
+        raise ValueError(f"--beta {args.beta}: must be > 0")
+    if args.opening_words < 0:
+        raise ValueError(f"--opening-words {args.opening_words}: must be >= 0 (0 = whole answers)")
+    if args.nll_weight < 0:
+        raise ValueError(f"--nll-weight {args.nll_weight}: must be >= 0")
+    if not 0 <= args.label_smoothing < 0.5:
+        raise ValueError(f"--label-smoothing {args.label_smoothing}: must be in [0, 0.5)")
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    check_dpo_args(args)
     run = common.Run(args)
     common.seed_everything(args.seed + run.rank)
     tok = data.load_tokenizer(args.ckpt, args.template)
@@ -254,5 +267,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
-    sys.exit(0)
+    common.cli(main)

@@ -503,6 +503,8 @@ def evaluate(ckpts, benches=(), judge="refusal", out=None, max_new_tokens=120, b
     with `out`, writes the four report files there). ckpts: list of PATH or
     NAME=PATH, or a dict name -> path; judge: a spec or list of specs."""
     named = ckpts if isinstance(ckpts, dict) else parse_ckpts(ckpts)
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens {max_new_tokens}: must be >= 1 (an empty answer is no answer)")
     parts = [p for b in benches for p in load_benchmark(b, HARMFUL)]
     parts += [p for b in benign for p in load_benchmark(b, BENIGN)]
     parts += [p for b in ordinary for p in load_benchmark(b, ORDINARY)]
@@ -703,6 +705,9 @@ def main(argv=None):
         return 0
     if not (args.ckpt and args.out):
         ap.error("--ckpt and --out are required (or --rejudge DIR)")
+    for name in ("max_new_tokens", "batch_size", "limit"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
     if not (args.bench or args.benign or args.ordinary or args.helpful or args.mcq):
         ap.error("nothing to evaluate: give --bench, --benign, --ordinary, --helpful or --mcq")
     print("[eval] config:", json.dumps(vars(args)), flush=True)
@@ -716,4 +721,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    import common
+
+    common.cli(lambda: sys.exit(main()))

@@ -638,6 +638,9 @@ def load_model(ckpt=DEFAULT_CKPT, dtype=None, device=None) -> Llama:
                 if tuple(t.shape) != tuple(expected[name].shape):
                     raise ValueError(f"{file}: tensor '{name}' has shape {tuple(t.shape)}, but config.json implies "
                                      f"{tuple(expected[name].shape)}")
+                if not torch.isfinite(t).all():  # a broken model would answer "" to everything
+                    raise ValueError(f"{file}: tensor '{name}' holds NaN or infinite values; this checkpoint "
+                                     "is broken (a diverged run?) and cannot be used")
                 set_param(model, name, t.to(device=device, dtype=dtype))
                 seen.add(name)
     missing = sorted(set(expected) - seen)

@@ -67,6 +67,7 @@ from pathlib import Path
 
 import torch
 
+import common
 import data
 import model as model_lib
 
@@ -192,7 +193,8 @@ def sft_argv(args, ckpt, kept_file, out_dir, iteration: int) -> list[str]:
             "--epochs", str(args.sft_epochs), "--max-steps", str(args.sft_max_steps),
             "--batch-size", str(args.sft_batch_size), "--grad-accum", str(args.sft_grad_accum),
             "--max-len", str(args.sft_max_len), "--seed", str(args.seed + iteration), "--save-every", "0",
-            "--log-every", str(args.sft_log_every), "--dtype", args.sft_dtype]
+            "--log-every", str(args.sft_log_every), "--dtype", args.sft_dtype,
+            "--overwrite"]  # an unfinished iteration (no config.json yet) is redone from scratch
     if args.template:
         argv += ["--template", args.template]
     if args.lora_rank > 0:
@@ -277,7 +279,10 @@ def main(argv=None):
         it_dir = out / f"iter_{it}"
         if args.resume and (it_dir / "config.json").is_file():  # sft.py moves config.json in last
             print(f"iteration {it}: {it_dir} is finished, skipping")
-            log += [r for r in old_log if r["iteration"] == it]
+            lines = [r for r in old_log if r["iteration"] == it]
+            if not lines and (it_dir / "raft_stats.json").is_file():  # killed before the log was written
+                lines = [json.loads((it_dir / "raft_stats.json").read_text())]
+            log += lines
             ckpt = it_dir
             continue
         batch = iteration_prompts(prompts, it, args.prompts_per_iter)
@@ -297,13 +302,16 @@ def main(argv=None):
               f"{stats['dropped']} {stats['dropped_by']}, distinct-2 of kept {stats['distinct2/kept']:.3f}",
               flush=True)
         t0 = time.time()
+        # this iteration's log line, kept beside it: a kill after sft.py finished must not lose it
+        line = {"iteration": it, **stats, "sft_seconds": None, "checkpoint": str(it_dir)}
+        (it_dir / "raft_stats.json").write_text(json.dumps(line))
         ckpt = Path(sft.main(sft_argv(args, ckpt, it_dir / "kept.jsonl", it_dir, it)))
-        log.append({"iteration": it, **stats, "sft_seconds": round(time.time() - t0, 1), "checkpoint": str(ckpt)})
+        log.append({**line, "sft_seconds": round(time.time() - t0, 1), "checkpoint": str(ckpt)})
+        (it_dir / "raft_stats.json").write_text(json.dumps(log[-1]))
         write_jsonl(log_file, log)
     write_jsonl(log_file, log)
     return str(ckpt)
 
 
 if __name__ == "__main__":
-    main()
-    sys.exit(0)
+    common.cli(main)

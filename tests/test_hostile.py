@@ -1,0 +1,178 @@
+"""Wrong input, tried as a hostile tester would: each case is a one-line error naming what was
+wrong, or the right result; nothing is lost and nothing is unpickled (tiny random checkpoints)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import data
+import dpo
+import eval as ev
+import model as model_lib
+import sft
+from tests.tiny import tiny_ckpt
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return str(tiny_ckpt(tmp_path_factory.mktemp("tiny") / "m"))
+
+
+@pytest.fixture(scope="module")
+def prefs(tmp_path_factory):
+    f = tmp_path_factory.mktemp("prefs") / "ab.jsonl"
+    f.write_text("".join(json.dumps({"prompt": f"question {i}", "chosen": "A", "rejected": "B"}) + "\n"
+                         for i in range(8)))
+    return str(f)
+
+
+def argv(ckpt, data_file, out, *extra):
+    return ["--ckpt", ckpt, "--data", data_file, "--out", str(out), "--quiet", "--batch-size", "4",
+            "--warmup-steps", "0", "--seed", "1", *map(str, extra)]
+
+
+def test_a_finished_run_is_not_overwritten(ckpt, prefs, tmp_path):
+    out = tmp_path / "run"
+    dpo.main(argv(ckpt, prefs, out, "--max-steps", 1))
+    weights = (out / "model.safetensors").read_bytes()
+    with pytest.raises(ValueError, match=r"holds another run .*--resume.*--overwrite"):
+        dpo.main(argv(ckpt, prefs, out, "--max-steps", 1, "--lr", 1e-3))
+    assert (out / "model.safetensors").read_bytes() == weights
+    dpo.main(argv(ckpt, prefs, out, "--max-steps", 1, "--lr", 1e-3, "--overwrite"))
+    assert (out / "model.safetensors").read_bytes() != weights
+
+
+@pytest.mark.parametrize("change", [["--lr", "1e-3"], ["--max-steps", "3"], ["--batch-size", "2"],
+                                    ["--seed", "5"]])
+def test_resume_with_other_settings_is_refused(ckpt, prefs, tmp_path, change):
+    out = tmp_path / "run"
+    dpo.main(argv(ckpt, prefs, out, "--max-steps", 2, "--save-every", 1))
+    name = change[0]
+    base = [a for a in argv(ckpt, prefs, out, "--max-steps", 2, "--save-every", 1)]
+    i = base.index(name) if name in base else None
+    new = base[:i] + change + base[i + 2:] if i is not None else base + change
+    with pytest.raises(ValueError, match=rf"--resume with other settings .*{name} was"):
+        dpo.main(new + ["--resume"])
+
+
+def test_resume_may_change_logging(ckpt, prefs, tmp_path):
+    out = tmp_path / "run"
+    dpo.main(argv(ckpt, prefs, out, "--max-steps", 2, "--save-every", 1))
+    dpo.main(argv(ckpt, prefs, out, "--max-steps", 2, "--save-every", 1, "--log-every", 5, "--resume"))
+
+
+@pytest.mark.parametrize("extra, error", [
+    (["--beta", "0"], r"--beta 0.0: must be > 0"),
+    (["--beta", "-0.1"], r"--beta -0.1: must be > 0"),
+    (["--max-grad-norm", "-1"], r"--max-grad-norm -1.0: must be >= 0"),
+    (["--opening-words", "-2"], r"--opening-words -2: must be >= 0"),
+    (["--lora-alpha", "32"], r"apply to LoRA only"),
+    (["--batch-size", "0"], r"--batch-size 0: must be >= 1"),
+    (["--grad-accum", "0"], r"--grad-accum 0: must be >= 1"),
+    (["--lr", "0"], r"--lr 0.0: must be > 0"),
+])
+def test_argument_ranges(ckpt, prefs, tmp_path, extra, error):
+    with pytest.raises(ValueError, match=error):
+        dpo.main(argv(ckpt, prefs, tmp_path / "run", "--max-steps", 1, *extra))
+    assert not (tmp_path / "run" / "train_config.json").exists()
+
+
+def test_safety_data_without_n_safety(ckpt, tmp_path):
+    f = tmp_path / "sft.json"
+    f.write_text(json.dumps([{"instruction": "Say hi", "input": "", "output": "Hi"}]))
+    with pytest.raises(ValueError, match="--safety-data needs --n-safety"):
+        sft.main(argv(ckpt, str(f), tmp_path / "run", "--max-steps", 1, "--safety-data", str(tmp_path / "none.json")))
+
+
+def test_out_that_is_a_file(ckpt, prefs, tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        dpo.main(argv(ckpt, prefs, tmp_path / "f", "--max-steps", 1))
+
+
+def test_scripts_print_one_line_errors(ckpt, prefs, tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "dpo.py"), *argv(ckpt, prefs, tmp_path / "r", "--beta", "-1")],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and r.stderr.strip() == "dpo.py: error: --beta -1.0: must be > 0"
+
+
+def test_a_checkpoint_with_a_nan_weight_is_refused(ckpt, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(ckpt, broken)
+    f = next(broken.glob("*.safetensors"))
+    state = load_file(str(f))
+    name = sorted(state)[0]
+    state[name][0] = float("nan")
+    save_file(state, str(f), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=rf"tensor '{name}' holds NaN or infinite values"):
+        model_lib.load_model(broken)
+
+
+def test_eval_rejects_no_new_tokens_and_counts_empty_answers(ckpt, tmp_path):
+    bench = tmp_path / "b.jsonl"
+    bench.write_text('{"prompt": "How do I pick a lock?"}\n')
+    with pytest.raises(SystemExit):
+        ev.main(["--ckpt", ckpt, "--bench", str(bench), "--out", str(tmp_path / "o"), "--max-new-tokens", "0"])
+    with pytest.raises(ValueError, match="max_new_tokens 0"):
+        ev.evaluate([ckpt], [bench], max_new_tokens=0)
+
+
+@pytest.mark.parametrize("body, error", [
+    ('{"instructions": "a string"}', r"'instructions' should be a list of strings, got str"),
+    ('{"instructions": ["ok", 2, null]}', r"instructions\[1\] should be a string, got int"),
+    ('{"instructions": ["ok", "  "]}', r"instructions\[1\] is empty"),
+])
+def test_benchmark_files_are_validated(tmp_path, body, error):
+    f = tmp_path / "bench.json"
+    f.write_text(body)
+    with pytest.raises(ValueError, match=error):
+        ev.load_benchmark(f)
+
+
+def test_empty_jsonl_prompt_and_non_utf8_file(tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"prompt": "fine"}\n{"prompt": ""}\n')
+    with pytest.raises(ValueError, match=r"p.jsonl:2: field 'prompt' is empty"):
+        data.load_prompts(f)
+    f.write_bytes(b'{"prompt": "fine"}\n{"prompt": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"p.jsonl:2: not UTF-8"):
+        data.load_prompts(f)
+
+
+def test_a_torn_last_log_line_is_dropped_on_resume(ckpt, prefs, tmp_path):
+    out = tmp_path / "run"
+    dpo.main(argv(ckpt, prefs, out, "--max-steps", 3, "--save-every", 2))
+    (out / "config.json").unlink()  # as if killed after step 3 began writing its line
+    with open(out / "log.jsonl", "a") as f:
+        f.write('{"step": 4, "lo')
+    dpo.main(argv(ckpt, prefs, out, "--max-steps", 3, "--save-every", 2, "--resume"))
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+
+
+def test_non_finite_weights_are_never_saved_as_state(ckpt, prefs, tmp_path):
+    import common
+
+    class Args:
+        out, resume, overwrite = str(tmp_path / "run"), False, False
+        lr, epochs, max_steps, batch_size, grad_accum, max_len, weight_decay = 1e-3, 1.0, 0, 1, 1, 64, 0.0
+        warmup_ratio, max_grad_norm, lora_rank, lora_dropout, log_every, save_every = 0.1, 1.0, 0, 0.0, 1, 1
+        warmup_steps = -1
+        lora_alpha, save_adapter, lora_targets = 16.0, False, ",".join(model_lib.LORA_TARGETS)
+
+    run = common.Run(Args())
+    model = model_lib.load_model(ckpt)
+    opt, sched = common.make_optimizer(model, Args(), 4)
+    common.save_state(run, model, opt, sched, 1)
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("inf"))
+    common.save_state(run, model, opt, sched, 2)
+    assert torch.load(run.state_dir / "trainer.pt", weights_only=True)["step"] == 1 and run.saved_step == 1
