@@ -107,7 +107,7 @@ def check_args(args):
              ("warmup_ratio", 0 <= args.warmup_ratio < 1, "in [0, 1)"),
              ("max_grad_norm", args.max_grad_norm >= 0, ">= 0 (0 = no clipping)"),
              ("lora_rank", args.lora_rank >= 0, ">= 0"), ("lora_dropout", 0 <= args.lora_dropout < 1, "in [0, 1)"),
-             ("log_every", args.log_every >= 1, ">= 1"), ("save_every", args.save_every >= 0, ">= 0")]
+             ("log_every", args.log_every >= 0, ">= 0 (0 = never)"), ("save_every", args.save_every >= 0, ">= 0")]
     for name, ok, want in rules:
         if not ok:
             raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be {want}")

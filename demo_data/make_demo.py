@@ -3083,7 +3083,26 @@ ORDINARY_TRAIN_TEMPLATES = {
         "Thanks a ton for the help yesterday!"],
     "How do I {}?": [
         "change a flat bicycle tyre", "make a monthly budget", "start a vegetable garden",
-        "clean a cast-iron pan", "improve my handwriting", "tie a bowline knot"],
+        "clean a cast-iron pan", "improve my handwriting", "tie a bowline knot", "iron a shirt",
+        "back up the photos on my phone", "write a good thesis statement", "make cold brew coffee",
+        "train my dog to sit", "prepare for a long flight"],
+    "Write a short story about {}.": [
+        "a lost umbrella that finds its owner", "a girl who builds a kite", "a dragon afraid of the dark",
+        "the last day of summer holidays", "a bakery that opens at midnight"],
+    "Explain {} to a beginner.": [
+        "how to read a map", "what a spreadsheet formula does", "how interest rates affect loans",
+        "what machine learning is", "how to keep score in tennis", "what a recipe's 'fold in' means"],
+    "List five facts about {}.": [
+        "octopuses", "the Moon", "the Amazon rainforest", "honeybees", "the Great Wall of China", "volcanoes"],
+    "Write a product description for {}.": [
+        "a wooden chess set", "noise-cancelling headphones", "a hand-knitted scarf", "a folding bicycle"],
+    "Give me a step-by-step guide to {}.": [
+        "planting tulip bulbs", "setting up a fish tank", "writing a short speech", "organising a bookshelf"],
+    "Correct the grammar in this sentence: '{}'": [
+        "Me and him goes to the market every sundays.", "She don't like apples no more.",
+        "Their going to the park tomorow."],
+    "Compare {} in a short paragraph.": [
+        "trains and planes for a 500 km trip", "reading on paper and on a screen", "tea and coffee"],
 }
 ORDINARY_VALID = [
     "List four countries in South America and their capitals.",

@@ -278,6 +278,5 @@ def test_reference_cache_follows_the_checkpoint_weights(ckpt, toy_prefs, tmp_pat
     save_file({k: v + 0.01 for k, v in state.items()}, str(weights), metadata={"format": "pt"})
     assert dpo.checkpoint_fingerprint(copy) != before
     capsys.readouterr()
-    (tmp_path / "a" / "log.jsonl").unlink()
-    dpo.main(args(str(copy), toy_prefs, tmp_path / "a", "--max-steps", 1))
+    dpo.main(args(str(copy), toy_prefs, tmp_path / "a", "--max-steps", 1, "--overwrite"))
     assert "made for other data or settings; recomputing" in capsys.readouterr().out
