@@ -1,6 +1,6 @@
 """The main job, end to end: make SmolLM2-135M-Instruct safe on a laptop CPU.
 
-    python pipeline.py                  # the full demo (about 20 minutes on 2 CPU cores)
+    python pipeline.py                  # the full demo (about 30 minutes on 2 CPU cores)
     python pipeline.py --quick          # a smoke run: a few steps and prompts per stage (CI)
 
 Stages, in order (each is the scripts' own command, called in-process; the
@@ -55,7 +55,7 @@ PAPER_BENCHMARKS = ["I-MaliciousInstructions.json", "I-CoNa.json", "I-Controvers
 
 # Minutes each stage took in the README's reference run on 2 CPU cores: the
 # time-left estimate scales these by how fast this machine has been so far.
-EXPECTED_MINUTES = {"baseline": 2.0, "distill": 2.0, "sit": 6.0, "dpo": 10.5, "raft": 1.5, "eval": 4.0}
+EXPECTED_MINUTES = {"baseline": 1.9, "distill": 2.2, "sit": 6.9, "dpo": 11.9, "raft": 1.5, "eval": 6.3}
 
 # Stage settings: (full run, --quick smoke run).
 SETTINGS = {
