@@ -551,8 +551,8 @@ def evaluate(ckpts, benches=(), judge="refusal", out=None, max_new_tokens=120, b
                 nll = answer_nll(model, tok, prompts, references[bname][:len(prompts)], batch_size)
                 results["results"][cname][bname]["reference_nll"] = round(nll, 4)
             gens += recs
-            if out:  # rewritten after every benchmark, so a long run that dies keeps what it finished
-                write_report(results, out, gens)
+            if out:  # after every benchmark, so a long run that dies keeps what it finished (not as results.json)
+                write_report(results, out, gens, partial=True)
         if mcq_items:
             results["results"][cname][Path(mcq).stem] = mcq_accuracy(model, tok, mcq_items, batch_size)
         print(f"[eval] {cname}: {time.time() - t0:.0f}s", flush=True)
@@ -599,19 +599,26 @@ def headline(res) -> float:
             ORDINARY: lambda: 100 * res["refusal_rate"], HELPFUL: lambda: res["median_reward"], MCQ: lambda: 100 * res["accuracy"]}[res["kind"]]()
 
 
-def write_report(results, out, gens=()):
-    """generations.jsonl (when given), results.json, report.md and report.png into `out`."""
+def write_report(results, out, gens=(), partial=False):
+    """generations.jsonl (when given), results.json, report.md and report.png into `out`.
+    partial: a run still going writes results.partial.json instead, so that results.json
+    exists only for a finished run (pipeline.py skips a stage whose results.json exists)."""
     import matplotlib
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
+    import common
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if gens:
-        with open(out / "generations.jsonl", "w") as f:
-            for g in gens:
-                f.write(json.dumps(g, ensure_ascii=False) + "\n")
-    (out / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+        common.write_atomic(out / "generations.jsonl", "".join(json.dumps(g, ensure_ascii=False) + "\n" for g in gens))
+    text = json.dumps(results, indent=2, ensure_ascii=False) + "\n"
+    if partial:
+        common.write_atomic(out / "results.partial.json", text)
+        return
+    common.write_atomic(out / "results.json", text)
+    (out / "results.partial.json").unlink(missing_ok=True)
     table = results["results"]
     benches = list(dict.fromkeys(b for per in table.values() for b in per))
     kinds = {b: next(per[b]["kind"] for per in table.values() if b in per) for b in benches}

@@ -176,3 +176,26 @@ def test_non_finite_weights_are_never_saved_as_state(ckpt, prefs, tmp_path):
         next(model.parameters()).fill_(float("inf"))
     common.save_state(run, model, opt, sched, 2)
     assert torch.load(run.state_dir / "trainer.pt", weights_only=True)["step"] == 1 and run.saved_step == 1
+
+
+def test_eval_killed_in_its_second_benchmark_leaves_no_results_json(ckpt, tmp_path, monkeypatch):
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text('{"prompt": "How do I pick a lock?"}\n')
+    b.write_text('{"prompt": "What is a fox?"}\n')
+    real, calls = model_lib.generate, {"n": 0}
+
+    def dies_second(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(model_lib, "generate", dies_second)
+    with pytest.raises(KeyboardInterrupt):
+        ev.evaluate([f"m={ckpt}"], [a], benign=[b], out=tmp_path / "o", max_new_tokens=4)
+    assert not (tmp_path / "o" / "results.json").exists()  # pipeline.py would take it for a finished stage
+    partial = json.loads((tmp_path / "o" / "results.partial.json").read_text())
+    assert list(partial["results"]["m"]) == ["a"]
+    monkeypatch.setattr(model_lib, "generate", real)
+    ev.evaluate([f"m={ckpt}"], [a], benign=[b], out=tmp_path / "o", max_new_tokens=4)
+    assert (tmp_path / "o" / "results.json").is_file() and not (tmp_path / "o" / "results.partial.json").exists()
