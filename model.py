@@ -500,6 +500,12 @@ def generate(model, tokenizer, prompts, max_new_tokens=120, temperature=0.0, top
 
     device = next(model.parameters()).device
     encoded = [p if isinstance(p, list) else data.encode_prompt(tokenizer, p, template) for p in prompts]
+    positions = model.config.raw.get("max_position_embeddings")
+    too_long = next((i for i, ids in enumerate(encoded) if positions and len(ids) + max_new_tokens > positions), None)
+    if too_long is not None:  # past its positions the model answers garbage, silently
+        raise ValueError(f"prompt {too_long} has {len(encoded[too_long])} tokens: with max_new_tokens "
+                         f"{max_new_tokens} that passes the model's max_position_embeddings {positions}; "
+                         "shorten the prompt or lower max_new_tokens")
     stop = torch.tensor(sorted(tokenizer.stop_ids), device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
     was_training = model.training
@@ -588,10 +594,20 @@ def read_config(path: Path) -> LlamaConfig:
     return LlamaConfig.from_dict(d, str(file))
 
 
+def _read_index(index: Path) -> dict:
+    try:
+        obj = json.loads(index.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{index}: not valid JSON ({e}); the download may be truncated") from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("weight_map"), dict):
+        raise ValueError(f"{index}: no 'weight_map' object (tensor name -> shard file)")
+    return obj
+
+
 def weight_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        shards = sorted(set(_read_index(index)["weight_map"].values()))
         missing = [s for s in shards if not (path / s).is_file()]
         if missing:
             raise FileNotFoundError(f"{index} lists shards that are missing: {missing}")
@@ -624,9 +640,13 @@ def load_model(ckpt=DEFAULT_CKPT, dtype=None, device=None) -> Llama:
         model = Llama(cfg)
     expected = dict(model.named_parameters())
     seen = set()
+    index = path / "model.safetensors.index.json"
+    owner = _read_index(index)["weight_map"] if index.is_file() else {}  # tensor -> the shard the index names
     for file in weight_files(path):
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for name in f.keys():
+                if owner and owner.get(name) != file.name:
+                    continue  # a stale copy in another shard: the index says where each tensor lives
                 if name.endswith("rotary_emb.inv_freq"):
                     continue  # old checkpoints store rope frequencies; they are recomputed
                 if name == "lm_head.weight" and cfg.tie_word_embeddings:

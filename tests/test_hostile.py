@@ -199,3 +199,26 @@ def test_eval_killed_in_its_second_benchmark_leaves_no_results_json(ckpt, tmp_pa
     monkeypatch.setattr(model_lib, "generate", real)
     ev.evaluate([f"m={ckpt}"], [a], benign=[b], out=tmp_path / "o", max_new_tokens=4)
     assert (tmp_path / "o" / "results.json").is_file() and not (tmp_path / "o" / "results.partial.json").exists()
+
+
+def test_a_prompt_longer_than_the_positions_is_refused(ckpt):
+    m, tok = model_lib.load_model(ckpt), data.load_tokenizer(ckpt)
+    with pytest.raises(ValueError, match=r"prompt 1 has \d+ tokens: .* max_position_embeddings 256"):
+        model_lib.generate(m, tok, ["short", "word " * 400], max_new_tokens=4)
+
+
+def test_the_shard_index_wins_over_a_stale_copy_and_a_torn_index_is_named(tmp_path):
+    ckpt_dir = tiny_ckpt(tmp_path / "src")
+    m = model_lib.load_model(ckpt_dir)
+    out = model_lib.save_model(m, tmp_path / "out", tokenizer_dir=ckpt_dir, max_shard_bytes=60_000)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    name, shard = sorted(index["weight_map"].items())[0]
+    other = next(s for s in sorted(set(index["weight_map"].values())) if s != shard)
+    stale = load_file(str(out / other))
+    stale[name] = torch.zeros_like(load_file(str(out / shard))[name])  # a stale copy in the wrong shard
+    save_file(stale, str(out / other), metadata={"format": "pt"})
+    loaded = dict(model_lib.load_model(out).named_parameters())[name]
+    assert torch.equal(loaded, dict(m.named_parameters())[name])
+    (out / "model.safetensors.index.json").write_text('{"weight_map": {"a": ')
+    with pytest.raises(ValueError, match=r"model.safetensors.index.json: not valid JSON"):
+        model_lib.load_model(out)
