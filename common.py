@@ -171,13 +171,13 @@ class Run:
         else:
             self.device = torch.device("cpu")
         self.main = self.rank == 0
-        if self.main:  # before any work is done
-            check_args(args)
-            check_out_folder(args)
         if getattr(args, "grad_checkpointing", False):
             return_freed_memory()  # the mode that trades time for memory; see there
         if getattr(args, "dtype", None) == "auto":
             args.dtype = "bf16" if native_bf16(self.device) else "fp32"
+        if self.main:  # before any work is done (after `auto` is resolved, as train_config.json records it)
+            check_args(args)
+            check_out_folder(args)
         self.out = Path(args.out)
         self.state_dir = self.out / "state"
         self.saved_step = None  # the step of the state in state/trainer.pt, once one is saved

@@ -207,6 +207,12 @@ def main(argv=None):
             if not done.is_file():
                 start = args.ckpt if stage == "sit" else ckpts["sit"]
                 common = ["--ckpt", start, "--out", str(folder), "--seed", "0"] + quiet
+                if stage != "raft" and (folder / "state" / "trainer.pt").is_file():
+                    common.append("--resume")  # an interrupted stage continues from its last saved step
+                elif stage != "raft" and folder.exists():
+                    common.append("--overwrite")  # interrupted before its first save: redone
+                elif stage == "raft" and folder.exists():
+                    common.append("--resume")  # raft.py redoes the unfinished iteration
                 if stage == "sit":
                     sft.main(common + ["--data", str(out / "distill" / "sit_train.json"), "--dtype", args.dtype]
                              + SETTINGS["sit"][q])

@@ -222,3 +222,9 @@ def test_the_shard_index_wins_over_a_stale_copy_and_a_torn_index_is_named(tmp_pa
     (out / "model.safetensors.index.json").write_text('{"weight_map": {"a": ')
     with pytest.raises(ValueError, match=r"model.safetensors.index.json: not valid JSON"):
         model_lib.load_model(out)
+
+
+def test_resume_with_dtype_auto_and_the_pipeline_resumes_a_stage(ckpt, prefs, tmp_path):
+    out = tmp_path / "run"
+    dpo.main(argv(ckpt, prefs, out, "--max-steps", 2, "--save-every", 1, "--dtype", "auto"))
+    dpo.main(argv(ckpt, prefs, out, "--max-steps", 2, "--save-every", 1, "--dtype", "auto", "--resume"))
