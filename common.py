@@ -144,7 +144,7 @@ def check_out_folder(args):
         raise ValueError(f"--out {out} holds another run ({', '.join(held)}): continue it with --resume, "
                          "write to another --out, or pass --overwrite to replace it")
     try:
-        (out / "state").mkdir(parents=True, exist_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write-test-{os.getpid()}"
         probe.write_text("")
         probe.unlink()

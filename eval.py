@@ -55,6 +55,7 @@ from pathlib import Path
 
 import torch
 
+import common
 import data
 import model as model_lib
 import reward as reward_lib
@@ -580,8 +581,10 @@ def rejudge(out) -> dict:
             g["verdict"] = "safe" if g["refused"] else "unsafe"
         groups.setdefault((g["checkpoint"], g["benchmark"]), []).append(g)
     for (cname, bname), recs in groups.items():
-        kept = {k: v for k, v in results["results"][cname][bname].items() if k in ("reference_nll",)}
-        results["results"][cname][bname] = {**summarise(recs[0]["kind"], recs), **kept}
+        old = results["results"][cname][bname]
+        results["results"][cname][bname] = summarise(recs[0]["kind"], recs)
+        if "reference_nll" in old:  # teacher-forced, not judged: kept as it was
+            results["results"][cname][bname]["reference_nll"] = old["reference_nll"]
     write_report(results, out, gens)
     return results
 
@@ -596,7 +599,8 @@ HEADERS = {HARMFUL: "% safe ↑", BENIGN: "% refused ↓", ORDINARY: "% refused 
 def headline(res) -> float:
     """The one number per cell that the table and chart show."""
     return {HARMFUL: lambda: 100 * res["safe_rate"], BENIGN: lambda: 100 * res["refusal_rate"],
-            ORDINARY: lambda: 100 * res["refusal_rate"], HELPFUL: lambda: res["median_reward"], MCQ: lambda: 100 * res["accuracy"]}[res["kind"]]()
+            ORDINARY: lambda: 100 * res["refusal_rate"], HELPFUL: lambda: res["median_reward"],
+            MCQ: lambda: 100 * res["accuracy"]}[res["kind"]]()
 
 
 def write_report(results, out, gens=(), partial=False):
@@ -606,8 +610,6 @@ def write_report(results, out, gens=(), partial=False):
     import matplotlib
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
-
-    import common
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -728,6 +730,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    import common
-
     common.cli(lambda: sys.exit(main()))

@@ -29,6 +29,10 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
+import common
+import data
+import eval as ev
+
 HUMAN_LABELS = {"1_full_compliance": False, "2_full_refusal": True, "3_partial_refusal": True,
                 "compliance": False, "refusal": True}
 
@@ -80,8 +84,6 @@ def _read_csv(path: Path) -> list[dict]:
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    import data
-
     rows = []
     for where, rec in data.read_records(path):
         if not isinstance(rec, dict):
@@ -156,8 +158,6 @@ def report(res: dict, judge: str, path) -> str:
 
 def refusal_detector(spec: str, threshold: float = 0.0):
     """A judge spec -> f(prompts, answers) -> [bool] (True = refusal), as the module docstring says."""
-    import eval as ev
-
     kind, _, path = spec.partition(":")
     if kind == "refusal" and not path:
         return lambda prompts, answers: [ev.is_refusal(a) for a in answers]
@@ -178,8 +178,6 @@ def judge_check(path, judge: str = "refusal", out=None, threshold: float = 0.0) 
            **res}
     text = report(res, judge, path)
     if out:
-        import common
-
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         common.write_atomic(out / "judge_check.json", json.dumps(res, indent=2) + "\n")

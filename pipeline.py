@@ -99,10 +99,6 @@ def run_eval(ckpts: dict, out: Path, args) -> dict:
                                limit=3 if args.quick else None)
 
 
-def read_jsonl(path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
 def distill(base: str, out: Path, quick: bool):
     """The base model's own answers as training data, so that tuning keeps what it could do:
       * sit_train.json: demo_data/sit_train.json + the base model's answers to
@@ -110,11 +106,16 @@ def distill(base: str, out: Path, quick: bool):
       * prefs_ordinary.jsonl: the same prompts, chosen = that answer, rejected = a refusal
         (the hand-written over-refusals of prefs_train's benign pairs, in turn);
       * prefs_openings.jsonl: demo_data's, with each benign pair's stock helpful opener
-        ("Good question. Here's what you need to know.") replaced by the base model's own
-        first sentence for that prompt: no stock openers to learn.
+        ("Good question. Here's what you need to know.") replaced by how the base model itself
+        begins its answer (24 new tokens; --opening-words 4 keeps the first 4 words): no stock
+        openers to learn.
     Greedy, seed 0, so the files are the same on every run."""
+    import common
     import data
     import model as model_lib
+
+    def read_jsonl(path):
+        return [rec for _, rec in data.read_records(path)]
 
     model, tok = model_lib.load_model(base), data.load_tokenizer(base)
     limit = 4 if quick else None
@@ -143,12 +144,10 @@ def distill(base: str, out: Path, quick: bool):
         if text and not evaluation.is_refusal(text):
             r["chosen"] = text
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "prefs_ordinary.jsonl", "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs)
-    with open(out / "prefs_openings.jsonl", "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(p, ensure_ascii=False) + "\n" for p in openings)
+    raft.write_jsonl(out / "prefs_ordinary.jsonl", pairs)
+    raft.write_jsonl(out / "prefs_openings.jsonl", openings)
     # written last: its presence marks the stage done
-    (out / "sit_train.json").write_text(json.dumps(sit, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    common.write_atomic(out / "sit_train.json", json.dumps(sit, ensure_ascii=False, indent=1) + "\n")
     print(f"[distill] {len(keep)} of {len(ordinary)} ordinary answers kept; "
           f"{len(benign)} benign openings from the base model", flush=True)
 

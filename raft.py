@@ -182,9 +182,7 @@ def sample_and_select(policy, tok, prompts, reward_fn, args, seed: int):
 
 
 def write_jsonl(path: Path, rows):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    tmp.replace(path)
+    common.write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def sft_argv(args, ckpt, kept_file, out_dir, iteration: int) -> list[str]:
@@ -304,10 +302,10 @@ def main(argv=None):
         t0 = time.time()
         # this iteration's log line, kept beside it: a kill after sft.py finished must not lose it
         line = {"iteration": it, **stats, "sft_seconds": None, "checkpoint": str(it_dir)}
-        (it_dir / "raft_stats.json").write_text(json.dumps(line))
+        common.write_atomic(it_dir / "raft_stats.json", json.dumps(line))
         ckpt = Path(sft.main(sft_argv(args, ckpt, it_dir / "kept.jsonl", it_dir, it)))
         log.append({**line, "sft_seconds": round(time.time() - t0, 1), "checkpoint": str(ckpt)})
-        (it_dir / "raft_stats.json").write_text(json.dumps(log[-1]))
+        common.write_atomic(it_dir / "raft_stats.json", json.dumps(log[-1]))
         write_jsonl(log_file, log)
     write_jsonl(log_file, log)
     return str(ckpt)

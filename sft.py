@@ -34,9 +34,10 @@ def load_examples(args):
     stats = {}
     examples = [ex for path in args.data for ex in data.load_instructions(path, stats)]
     stats["instructions"] = len(examples)
-    if args.n_safety < 0 or (args.safety_data and args.n_safety == 0):
-        raise ValueError(f"--safety-data needs --n-safety N (> 0): how many of its demonstrations to mix in"
-                         if args.n_safety == 0 else f"--n-safety {args.n_safety}: must be >= 0")
+    if args.n_safety < 0:
+        raise ValueError(f"--n-safety {args.n_safety}: must be >= 0")
+    if args.safety_data and args.n_safety == 0:
+        raise ValueError("--safety-data needs --n-safety N (> 0): how many of its demonstrations to mix in")
     if args.n_safety > 0:
         if not args.safety_data:
             raise ValueError("--n-safety needs --safety-data FILE")

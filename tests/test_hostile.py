@@ -15,6 +15,7 @@ import eval as ev
 import model as model_lib
 import sft
 from tests.tiny import tiny_ckpt
+from tests.tiny import train_argv as argv
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,11 +31,6 @@ def prefs(tmp_path_factory):
     f.write_text("".join(json.dumps({"prompt": f"question {i}", "chosen": "A", "rejected": "B"}) + "\n"
                          for i in range(8)))
     return str(f)
-
-
-def argv(ckpt, data_file, out, *extra):
-    return ["--ckpt", ckpt, "--data", data_file, "--out", str(out), "--quiet", "--batch-size", "4",
-            "--warmup-steps", "0", "--seed", "1", *map(str, extra)]
 
 
 def test_a_finished_run_is_not_overwritten(ckpt, prefs, tmp_path):

@@ -17,6 +17,7 @@ import dpo
 import losses
 import sft
 from tests.tiny import tiny_ckpt
+from tests.tiny import train_argv as args
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["What is the capital of France?", "The quick brown fox", "Write a response", "Sure! Here is how",
@@ -42,11 +43,6 @@ def memo_set(tmp_path_factory):
     f.write_text(json.dumps([{"instruction": p, "input": "", "output": "Paris is the capital of France."}
                              for p in PROMPTS]))
     return str(f)
-
-
-def args(ckpt, data_file, out, *extra):
-    return ["--ckpt", ckpt, "--data", data_file, "--out", str(out), "--quiet", "--batch-size", "4",
-            "--warmup-steps", "0", "--seed", "1", *map(str, extra)]
 
 
 def log(out):

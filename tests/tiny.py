@@ -72,3 +72,9 @@ def tiny_ckpt(folder, seed: int = 0, **overrides) -> Path:
     m = random_model(seed, **overrides)
     model_lib.save_model(m, folder, tokenizer_dir=tok_dir)
     return folder
+
+
+def train_argv(ckpt, data_file, out, *extra) -> list[str]:
+    """sft.py / dpo.py arguments for a short, quiet, seeded run on a tiny checkpoint."""
+    return ["--ckpt", str(ckpt), "--data", data_file, "--out", str(out), "--quiet", "--batch-size", "4",
+            "--warmup-steps", "0", "--seed", "1", *map(str, extra)]
