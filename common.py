@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+import data
 import model as model_lib
 
 
@@ -50,7 +51,8 @@ def add_common_args(ap, lr: float):
     ap.add_argument("--ckpt", default=model_lib.DEFAULT_CKPT, help="HF-layout folder, or 'smollm2' (default)")
     ap.add_argument("--data", action="append", required=True, help="training file (repeat for several)")
     ap.add_argument("--out", required=True, help="run folder (final checkpoint, logs, state/)")
-    ap.add_argument("--template", default=None, help="prompt template (default: the checkpoint's)")
+    ap.add_argument("--template", default=None, help=data.TEMPLATE_HELP)
+    ap.add_argument("--system", default=None, help=data.SYSTEM_HELP)
     ap.add_argument("--lr", type=float, default=lr)
     ap.add_argument("--weight-decay", type=float, default=0.0)
     ap.add_argument("--epochs", type=float, default=1.0)
@@ -316,7 +318,6 @@ def plan_steps(lengths, args, world: int) -> list[list[list[int]]]:
     (the last one of an epoch) are dropped, since every rank needs a row.
     With --max-steps the epochs repeat (reshuffled) until there are enough.
     """
-    import data
 
     micro, epoch = [], 0
     while True:
@@ -338,7 +339,6 @@ def plan_steps(lengths, args, world: int) -> list[list[list[int]]]:
 
 
 def padding_report(lengths, batch_size, seed) -> str:
-    import data
 
     grouped = data.padding_fraction(data.length_grouped_batches(lengths, batch_size, seed, 0), lengths)
     plain = data.padding_fraction(data.length_grouped_batches(lengths, batch_size, seed, 0, group=1), lengths)
@@ -433,6 +433,7 @@ def save_final(run, model, tokenizer_dir, args):
         for name in model_lib.TOKENIZER_FILES:
             if (Path(tokenizer_dir) / name).is_file():
                 (run.out / name).write_bytes((Path(tokenizer_dir) / name).read_bytes())
+        save_template_file(run.out, args)
         return
     if args.lora_rank > 0:
         model_lib.merge_lora(model)
@@ -440,9 +441,17 @@ def save_final(run, model, tokenizer_dir, args):
     for stale in run.out.parent.glob(f".{run.out.name}.final*"):  # left by a save that was killed
         shutil.rmtree(stale)
     model_lib.save_model(model, tmp, tokenizer_dir=tokenizer_dir)
+    save_template_file(tmp, args)
     for f in sorted(tmp.iterdir(), key=lambda f: f.name == "config.json"):  # config.json last
         os.replace(f, run.out / f.name)
     tmp.rmdir()
+
+
+def save_template_file(folder, args):
+    """A run trained with --template FILE.jinja ships that template as its
+    chat_template.jinja, so the model is prompted as it was trained."""
+    if args.template and args.template not in ("chat", *data.BUILT_IN):
+        write_atomic(Path(folder) / "chat_template.jinja", Path(args.template).read_text(encoding="utf-8"))
 
 
 # ----------------------------------------------------------------------------

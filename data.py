@@ -8,18 +8,11 @@ One tokenizer interface over two kinds of files:
     `tokenizers` package (a well-kept Rust implementation of the same merges the
     model was trained with; writing BPE by hand would be slower and riskier).
 
-Conventions, documented once here:
-  * BOS: a rendered prompt starts with BOS exactly once. Templates that begin with
-    their own start token (ChatML's <|im_start|>, Llama 3's <|begin_of_text|>)
-    carry it in the text; otherwise BOS is prepended when the tokenizer's
-    config says add_bos_token (sentencepiece LLaMA: yes; SmolLM2: no).
-  * End of answer: every response ends with the template's end-of-turn token
-    (<|im_end|> for ChatML, <|eot_id|> for Llama 3, EOS otherwise). Generation
-    stops at any of `Tokenizer.stop_ids`.
-  * Prompt/response boundary: the prompt and the response are encoded
-    separately and their ids concatenated, so no BPE merge can straddle the
-    boundary and the prompt ids are exactly those the model sees when it
-    generates (model.generate encodes the same rendered prompt).
+The prompt format (the checkpoint's own Jinja chat template, or a built-in)
+and how a prompt and its answer become ids are documented once, in the
+"Prompt templates" section below. Generation stops at any of
+`Tokenizer.stop_ids` (EOS, generation_config's eos ids, the template's end of
+turn).
 """
 import json
 import re
@@ -45,11 +38,17 @@ class Tokenizer:
     pad_id: int
     add_bos: bool
     vocab_size: int
-    template: str  # default prompt template for this checkpoint (see TEMPLATES)
-    system_prompt: str | None = None  # ChatML default system message, from the chat template
     special: dict = field(default_factory=dict)  # special-token text -> id
     stop_ids: set = field(default_factory=set)
     path: str = ""
+    # The prompt format (see "Prompt templates" below), set by load_tokenizer.
+    template: str = "alpaca"  # "chat" (the checkpoint's Jinja template, or a .jinja file's), "alpaca" or "raw"
+    template_source: str = ""  # where it came from: a file, or "built-in"
+    chat_template: object = None  # the compiled Jinja template when template == "chat"
+    system: str | None = None  # --system: the system message (None: the template's own default)
+    content_parts: bool = False  # the template reads message content as [{"type": "text", "text": ...}]
+    end_of_turn_id: int = -1  # the token that closes an answer (<|im_end|>, <|eot_id|>, </s>, ...)
+    token_text_map: dict = field(default_factory=dict)  # bos_token/eos_token/... text, as templates see them
 
     def encode(self, text: str) -> list[int]:
         """Text -> ids, adding no BOS/EOS. Special-token text such as
@@ -95,23 +94,24 @@ def _read_json(path: Path) -> dict:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
-def load_tokenizer(ckpt=None, template=None) -> Tokenizer:
-    """The checkpoint's tokenizer: tokenizer.json if present, else tokenizer.model.
-    BOS/EOS/pad come from tokenizer_config.json / special_tokens_map.json /
-    generation_config.json / config.json, in that order of preference."""
+def load_tokenizer(ckpt=None, template=None, system=None) -> Tokenizer:
+    """The checkpoint's tokenizer and prompt format: tokenizer.json if present,
+    else tokenizer.model. BOS/EOS/pad come from tokenizer_config.json /
+    special_tokens_map.json / generation_config.json / config.json, in that
+    order of preference. `template` and `system`: see set_template."""
     import model as model_lib
 
     path = model_lib.resolve_ckpt(ckpt) if (ckpt is None or not str(ckpt).endswith(".model")) else None
     if path is None:  # a bare sentencepiece file (used by tests)
-        return _sentencepiece(Path(ckpt), {}, {}, {}, template)
+        return _sentencepiece(Path(ckpt), None, {}, {}, {}, template, system)
     tok_cfg = _read_json(path / "tokenizer_config.json")
     tok_cfg = {**_read_json(path / "special_tokens_map.json"), **tok_cfg}
     gen_cfg = _read_json(path / "generation_config.json")
     cfg = _read_json(path / "config.json")
     if (path / "tokenizer.json").is_file():
-        tok = _bpe(path / "tokenizer.json", tok_cfg, gen_cfg, cfg, template)
+        tok = _bpe(path / "tokenizer.json", tok_cfg, gen_cfg, cfg, template, system)
     elif (path / "tokenizer.model").is_file():
-        tok = _sentencepiece(path / "tokenizer.model", tok_cfg, gen_cfg, cfg, template)
+        tok = _sentencepiece(path / "tokenizer.model", path, tok_cfg, gen_cfg, cfg, template, system)
     else:
         raise FileNotFoundError(f"{path}: no tokenizer.json or tokenizer.model")
     if cfg.get("vocab_size") and tok.vocab_size > cfg["vocab_size"]:
@@ -128,38 +128,23 @@ def _ids(*candidates):
     return None
 
 
-def _finish(tok: Tokenizer, tok_cfg, gen_cfg, cfg, template):
-    chat = tok_cfg.get("chat_template") or ""
-    if isinstance(chat, list):  # some configs hold several named templates
-        chat = next((t["template"] for t in chat if t.get("name") == "default"), chat[0]["template"])
-    tok.template = template or guess_template(chat, tok.kind)
-    if tok.template not in TEMPLATES:
-        raise ValueError(f"unknown template '{tok.template}'; choose one of {sorted(TEMPLATES)}")
-    # The default system message a ChatML template inserts (SmolLM2: "You are a
-    # helpful AI assistant named SmolLM, ..."); the template holds a real newline.
-    m = re.search(r"<\|im_start\|>system\n(.*?)<\|im_end\|>", chat)
-    tok.system_prompt = m.group(1) if m else None
+def _finish(tok: Tokenizer, folder, tok_cfg, gen_cfg, cfg, template, system):
+    for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
+        s = _token_str(tok_cfg.get(key))
+        if s is not None:
+            tok.token_text_map[key] = s
+    tok.token_text_map.setdefault("eos_token", tok.token_text(tok.eos_id))
+    if tok.bos_id is not None:
+        tok.token_text_map.setdefault("bos_token", tok.token_text(tok.bos_id))
+    set_template(tok, template, folder, tok_cfg, system)
     stops = {tok.eos_id}
     for extra in (gen_cfg.get("eos_token_id"), cfg.get("eos_token_id")):
         stops |= set(extra if isinstance(extra, list) else [extra] if extra is not None else [])
-    end = TEMPLATES[tok.template]["end"]
-    if end and end in tok.special:
-        stops.add(tok.special[end])
-    tok.stop_ids = stops
+    tok.stop_ids = stops | {tok.end_of_turn_id}
     return tok
 
 
-def guess_template(chat_template: str, kind: str) -> str:
-    if "<|im_start|>" in chat_template:
-        return "chatml"
-    if "<|start_header_id|>" in chat_template:
-        return "llama3"
-    if "[INST]" in chat_template:
-        return "llama2"
-    return "alpaca"  # the paper's fine-tuned LLaMA models use the Alpaca prompt
-
-
-def _bpe(file: Path, tok_cfg, gen_cfg, cfg, template) -> Tokenizer:
+def _bpe(file: Path, tok_cfg, gen_cfg, cfg, template, system) -> Tokenizer:
     from tokenizers import Tokenizer as HFTokenizer
 
     impl = HFTokenizer.from_file(str(file))
@@ -180,11 +165,11 @@ def _bpe(file: Path, tok_cfg, gen_cfg, cfg, template) -> Tokenizer:
         raise ValueError(f"{file.parent}: no eos_token in tokenizer_config.json nor eos_token_id in config.json")
     pad = tid("pad_token", "pad_token_id")
     tok = Tokenizer("bpe", impl, bos, eos, eos if pad is None else pad, bool(tok_cfg.get("add_bos_token", False)),
-                    impl.get_vocab_size(with_added_tokens=True), "", special=special, path=str(file))
-    return _finish(tok, tok_cfg, gen_cfg, cfg, template)
+                    impl.get_vocab_size(with_added_tokens=True), special=special, path=str(file))
+    return _finish(tok, file.parent, tok_cfg, gen_cfg, cfg, template, system)
 
 
-def _sentencepiece(file: Path, tok_cfg, gen_cfg, cfg, template) -> Tokenizer:
+def _sentencepiece(file: Path, folder, tok_cfg, gen_cfg, cfg, template, system) -> Tokenizer:
     import sentencepiece as spm
 
     if not file.is_file():
@@ -193,67 +178,232 @@ def _sentencepiece(file: Path, tok_cfg, gen_cfg, cfg, template) -> Tokenizer:
     bos, eos, pad = sp.bos_id(), sp.eos_id(), sp.pad_id()
     special = {sp.id_to_piece(i): i for i in (bos, eos) if i >= 0}
     tok = Tokenizer("sentencepiece", sp, bos if bos >= 0 else None, eos, pad if pad >= 0 else eos,
-                    tok_cfg.get("add_bos_token", True), sp.get_piece_size(), "", special=special, path=str(file))
-    return _finish(tok, tok_cfg, gen_cfg, cfg, template)
+                    tok_cfg.get("add_bos_token", True), sp.get_piece_size(), special=special, path=str(file))
+    return _finish(tok, folder, tok_cfg, gen_cfg, cfg, template, system)
 
 
 # ----------------------------------------------------------------------------
-# Prompt templates: `prompt` is the text up to where the answer starts; `end`
-# is the token that closes an answer (None: the tokenizer's EOS).
+# Prompt templates.
+#
+# A checkpoint that ships a chat template (tokenizer_config.json "chat_template",
+# or the separate chat_template.jinja / chat_template.json) is prompted with that
+# Jinja template, rendered as transformers' apply_chat_template renders it:
+# conversation = optional system message, then the user turn. Checkpoints without
+# one get a built-in: "alpaca" (the paper's Alpaca-tuned LLaMA; the default) or
+# "raw" (the instruction alone). --template NAME overrides: chat, alpaca, raw, or
+# a .jinja file (e.g. for a checkpoint that was trained on a template it does not
+# ship). --system TEXT sets the system message (default: the template's own).
+#
+# Prompt and answer, the one place this is said:
+#   prompt text = render(conversation, add_generation_prompt=True)
+#   full text   = render(conversation + assistant answer, add_generation_prompt=False)
+# The full text starts with the prompt text; what follows is the answer's head
+# (e.g. Llama 2's " " before it), the answer, and its closing up to and including
+# the first special token (the end of turn: <|eot_id|>, <|im_end|>, Llama 2's
+# " </s>"; if the template writes none, EOS). Prompt ids = encode(prompt text),
+# exactly what generation feeds the model. Answer ids = encode(prompt text +
+# head + answer + closing) minus the prompt ids, so a sentencepiece "▁" or a BPE
+# merge comes out as the model would generate it after those prompt ids; where a
+# merge would cross the boundary (the prompt ids are not a prefix), the answer
+# part is encoded on its own. A template that writes BOS gets no second one; BOS
+# is prepended only for the built-ins, when the tokenizer says add_bos_token.
 
 ALPACA_HEAD = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 ALPACA_HEAD_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
                      "context. Write a response that appropriately completes the request.")
-
-TEMPLATES = {
-    "alpaca": {"end": None},
-    "chatml": {"end": "<|im_end|>"},
-    "llama2": {"end": None},
-    "llama3": {"end": "<|eot_id|>"},
-    "raw": {"end": None},
-}
+BUILT_IN = ("alpaca", "raw")
+TEMPLATE_HELP = "prompt format: chat (the checkpoint's own chat template; the default when it has one), alpaca, raw, or a .jinja file"
+SYSTEM_HELP = "system message for every prompt (default: the chat template's own, if any)"
 
 
-def render_prompt(tok: Tokenizer, instruction: str, input: str = "", template: str | None = None) -> str:
-    """The prompt text, ending exactly where the model's answer begins."""
-    template = template or tok.template
+def read_chat_template(folder, tok_cfg) -> tuple[str, str] | None:
+    """(Jinja text, the file it came from) of a checkpoint folder, or None.
+    chat_template.jinja wins over chat_template.json over tokenizer_config.json,
+    as in transformers; of several named templates the one named "default"."""
+    if folder is None:
+        return None
+    folder = Path(folder)
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text(encoding="utf-8"), str(folder / "chat_template.jinja")
+    for file, cfg in ((folder / "chat_template.json", None), (folder / "tokenizer_config.json", tok_cfg)):
+        chat = (_read_json(file) if cfg is None else cfg).get("chat_template")
+        if isinstance(chat, list):
+            named = {t.get("name"): t.get("template") for t in chat if isinstance(t, dict)}
+            chat = named.get("default") or next(iter(named.values()), None)
+        if chat:
+            if not isinstance(chat, str):
+                raise ValueError(f"{file}: chat_template must be a string or a list of {{name, template}}")
+            return chat, str(file)
+    return None
+
+
+def _jinja_env():
+    """A sandboxed Jinja environment set up as transformers sets it up for chat templates."""
+    import datetime
+
+    import jinja2
+    from jinja2.ext import Extension, loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Generation(Extension):
+        """{% generation %}...{% endgeneration %} marks the assistant's text for
+        trainers that mask by it; here it renders its body unchanged."""
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(["name:endgeneration"], drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    def raise_exception(message):
+        raise jinja2.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    return env
+
+
+def compile_chat_template(text: str, source: str):
+    import jinja2
+
+    try:
+        return _jinja_env().from_string(text)
+    except jinja2.TemplateSyntaxError as e:
+        raise ValueError(f"{source}: the chat template is not valid Jinja (line {e.lineno}: {e.message})") from None
+
+
+def render_chat(tok: Tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+    """The checkpoint's chat template applied to [{"role", "content"}] (content a string)."""
+    import jinja2
+
+    if tok.content_parts:
+        messages = [{**m, "content": [{"type": "text", "text": m["content"]}]} for m in messages]
+    try:
+        return tok.chat_template.render(messages=messages, tools=None, documents=None,
+                                        add_generation_prompt=add_generation_prompt, **tok.token_text_map)
+    except jinja2.TemplateError as e:
+        raise ValueError(f"{tok.template_source}: the chat template refused this conversation "
+                         f"(roles {[m['role'] for m in messages]}): {e}") from None
+
+
+def set_template(tok: Tokenizer, name, folder, tok_cfg, system=None):
+    """Choose the prompt format: None -> the checkpoint's chat template if it has
+    one, else alpaca; "chat", "alpaca", "raw", or a path to a .jinja file."""
+    shipped = read_chat_template(folder, tok_cfg)
+    if name is None:
+        name = "chat" if shipped else "alpaca"
+    tok.system = system
+    if name in BUILT_IN:
+        tok.template, tok.template_source, tok.chat_template = name, "built-in", None
+    elif name == "chat" or name.endswith(".jinja") or Path(name).is_file():
+        if name == "chat":
+            if not shipped:
+                raise ValueError(f"--template chat: {folder or tok.path} ships no chat template "
+                                 f"(tokenizer_config.json, chat_template.jinja); choose {' or '.join(BUILT_IN)}, "
+                                 "or a .jinja file")
+            text, source = shipped
+        else:
+            if not Path(name).is_file():
+                raise FileNotFoundError(f"--template {name}: no such file")
+            text, source = Path(name).read_text(encoding="utf-8"), name
+        tok.template, tok.template_source = "chat", source
+        tok.chat_template = compile_chat_template(text, source)
+        # Templates that read content as a list of typed parts (Llama Guard 3's)
+        # render nothing of a plain string: try the string, then the parts.
+        probe = [{"role": "user", "content": "Probe question"}]
+        tok.content_parts = False
+        if "Probe question" not in render_chat(tok, probe, True):
+            tok.content_parts = True
+            if "Probe question" not in render_chat(tok, probe, True):
+                raise ValueError(f"{source}: the chat template does not write the user's message")
+    else:
+        raise ValueError(f"unknown template '{name}'; choose chat, {', '.join(BUILT_IN)}, or a .jinja file")
+    tok.end_of_turn_id = tok.eos_id  # the built-ins' closing; a chat template's is read off a probe answer
+    try:
+        tok.end_of_turn_id = (tok.encode(_split(tok, "Probe question", "Probe answer")[2]) or [tok.eos_id])[-1]
+    except ValueError:  # a template that cannot take an answer (Llama Guard's): encode_response says so
+        pass
+
+
+def template_info(tok: Tokenizer) -> dict:
+    """What train_config.json and results.json record about the prompt format."""
+    return {"template": tok.template, "source": tok.template_source, "system": tok.system}
+
+
+def describe_template(tok: Tokenizer) -> str:
+    """One line for scripts to print."""
+    what = f"chat template of {tok.template_source}" if tok.template == "chat" else f"built-in '{tok.template}'"
+    system = f"; system message: {tok.system!r}" if tok.system is not None else ""
+    return f"prompt template: {what}{system}"
+
+
+def _conversation(tok, instruction, input=""):
     user = f"{instruction}\n\n{input}" if input else instruction
-    if template == "alpaca":
+    return ([{"role": "system", "content": tok.system}] if tok.system is not None else []) + \
+        [{"role": "user", "content": user}]
+
+
+def render_prompt(tok: Tokenizer, instruction: str, input: str = "") -> str:
+    """The prompt text, ending exactly where the model's answer begins."""
+    if tok.template == "chat":
+        return render_chat(tok, _conversation(tok, instruction, input), True)
+    if tok.template == "alpaca":
         if input:
-            return f"{ALPACA_HEAD_INPUT}\n\n### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-        return f"{ALPACA_HEAD}\n\n### Instruction:\n{instruction}\n\n### Response:\n"
-    if template == "chatml":
-        system = f"<|im_start|>system\n{tok.system_prompt}<|im_end|>\n" if tok.system_prompt else ""
-        return f"{system}<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
-    if template == "llama2":
-        return f"[INST] {user.strip()} [/INST]"
-    if template == "llama3":
-        return (f"<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n{user}<|eot_id|>"
-                f"<|start_header_id|>assistant<|end_header_id|>\n\n")
-    if template == "raw":
-        return user
-    raise ValueError(f"unknown template '{template}'; choose one of {sorted(TEMPLATES)}")
+            head = ALPACA_HEAD_INPUT if tok.system is None else tok.system
+            return f"{head}\n\n### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+        head = ALPACA_HEAD if tok.system is None else tok.system
+        return f"{head}\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+    user = f"{instruction}\n\n{input}" if input else instruction
+    return user if tok.system is None else f"{tok.system}\n\n{user}"
 
 
-def encode_prompt(tok: Tokenizer, prompt: str, template: str | None = None, input: str = "") -> list[int]:
-    """Rendered prompt -> ids, with BOS exactly once (see the module docstring)."""
-    ids = tok.encode(render_prompt(tok, prompt, input, template))
-    if tok.add_bos and tok.bos_id is not None and (not ids or ids[0] != tok.bos_id):
+def _split(tok, instruction, answer, input=""):
+    """(prompt text, head + answer text, closing text) for one answer."""
+    prompt = render_prompt(tok, instruction, input)
+    if tok.template != "chat":
+        return prompt, answer, tok.token_text_map["eos_token"]
+    full = render_chat(tok, _conversation(tok, instruction, input) + [{"role": "assistant", "content": answer}],
+                       False)
+    if not full.startswith(prompt):
+        raise ValueError(f"{tok.template_source}: the chat template's render of a conversation with the answer "
+                         "does not start with its render of the prompt, so the two cannot be split")
+    at = full.find(answer, len(prompt))
+    if at < 0:
+        raise ValueError(f"{tok.template_source}: the chat template changes the answer's text (it is not in the "
+                         "render), so its tokens cannot be found")
+    tail = full[at + len(answer):]
+    m = tok._special_re.search(tail) if tok.special else None
+    closing = tail[:m.end()] if m else tok.token_text_map["eos_token"]
+    return prompt, full[len(prompt):at + len(answer)], closing
+
+
+def encode_prompt(tok: Tokenizer, prompt: str, input: str = "") -> list[int]:
+    """Rendered prompt -> ids (see "Prompt and answer" above)."""
+    ids = tok.encode(render_prompt(tok, prompt, input))
+    if tok.template != "chat" and tok.add_bos and tok.bos_id is not None and (not ids or ids[0] != tok.bos_id):
         ids = [tok.bos_id] + ids
     return ids
 
 
-def encode_response(tok: Tokenizer, response: str, template: str | None = None,
-                    closed: bool = True) -> list[int]:
-    """Answer text -> ids, closed by the template's end-of-turn token (not
-    with closed=False: the text is an answer's opening, which goes on)."""
-    end = TEMPLATES[template or tok.template]["end"]
-    # sentencepiece adds its dummy-prefix space itself, which is the "▁" that
-    # follows "[INST] ... [/INST]" or "### Response:" when the model generates.
-    ids = tok.encode(response.strip())
+def encode_response(tok: Tokenizer, prompt: str, response: str, input: str = "", closed: bool = True) -> list[int]:
+    """The answer's ids after encode_prompt(prompt), closed by the template's end
+    of turn (not with closed=False: the text is an answer's opening, which goes
+    on). The answer is stripped of surrounding whitespace first."""
+    text, part, closing = _split(tok, prompt, response.strip(), input)
     if closed:
-        ids.append(tok.special[end] if end in tok.special else tok.eos_id)
-    return ids
+        part += closing
+    if tok.template == "raw":  # nothing separates prompt and answer: encode the answer alone
+        return tok.encode(part)
+    p, whole = tok.encode(text), tok.encode(text + part)
+    return whole[len(p):] if whole[:len(p)] == p else tok.encode(part)
 
 
 # ----------------------------------------------------------------------------
@@ -450,8 +600,8 @@ def load_prompts(path) -> list[str]:
 
 # ----------------------------------------------------------------------------
 # Tokenisation. Each sequence is encode_prompt(prompt) + encode_response(answer)
-# (ids concatenated, so the boundary is the one generation sees; see the module
-# docstring). Only response tokens are trained: the loss mask is False on the
+# (ids concatenated, so the boundary is the one generation sees; see "Prompt
+# templates"). Only response tokens are trained: the loss mask is False on the
 # prompt and on padding, and True on the closing end-of-turn/EOS token even
 # when the pad id has the same value (padding is never recognised by its id).
 #
@@ -473,13 +623,13 @@ def _fit_prompt(tok, prompt_ids, answer_len, max_len):
     return [prompt_ids[0]] + prompt_ids[len(prompt_ids) - room + 1:] if keep_bos else prompt_ids[-room:]
 
 
-def tokenize_sft(tok, examples, max_len, template=None):
+def tokenize_sft(tok, examples, max_len):
     """[{prompt, input, response}] -> ([{"input_ids", "n_prompt", "index"}], stats).
     `index` is the example's position in `examples`."""
     out, stats = [], {"examples": len(examples), "truncated_prompt": 0, "dropped_too_long": 0}
     for i, ex in enumerate(examples):
-        p = encode_prompt(tok, ex["prompt"], template, ex.get("input", ""))
-        r = encode_response(tok, ex["response"], template)
+        p = encode_prompt(tok, ex["prompt"], ex.get("input", ""))
+        r = encode_response(tok, ex["prompt"], ex["response"], ex.get("input", ""))
         fit = _fit_prompt(tok, p, len(r), max_len)
         if fit is None:
             stats["dropped_too_long"] += 1
@@ -490,7 +640,7 @@ def tokenize_sft(tok, examples, max_len, template=None):
     return out, stats
 
 
-def tokenize_pairs(tok, pairs, max_len, template=None, opening_words=0):
+def tokenize_pairs(tok, pairs, max_len, opening_words=0):
     """[{prompt, chosen, rejected}] -> ([{"prompt_ids", "chosen_ids", "rejected_ids",
     "index"}], stats). Both answers share one (possibly truncated) prompt.
 
@@ -501,14 +651,15 @@ def tokenize_pairs(tok, pairs, max_len, template=None, opening_words=0):
     if opening_words:
         stats["dropped_same_opening"] = 0
 
-    def answer(text):
+    def answer(pair, text):
         if not opening_words:
-            return encode_response(tok, text, template)
-        return encode_response(tok, " ".join(text.split()[:opening_words]), template, closed=False)
+            return encode_response(tok, pair["prompt"], text, pair.get("input", ""))
+        return encode_response(tok, pair["prompt"], " ".join(text.split()[:opening_words]), pair.get("input", ""),
+                               closed=False)
 
     for i, pair in enumerate(pairs):
-        p = encode_prompt(tok, pair["prompt"], template, pair.get("input", ""))
-        c, r = answer(pair["chosen"]), answer(pair["rejected"])
+        p = encode_prompt(tok, pair["prompt"], pair.get("input", ""))
+        c, r = answer(pair, pair["chosen"]), answer(pair, pair["rejected"])
         if opening_words and c == r:
             stats["dropped_same_opening"] += 1
             continue
@@ -645,10 +796,11 @@ def show(argv=None):
     ap.add_argument("--data", required=True, help="instruction (Alpaca/JSONL) or preference file")
     ap.add_argument("--n", type=int, default=3)
     ap.add_argument("--max-len", type=int, default=512)
-    ap.add_argument("--template", default=None)
+    ap.add_argument("--template", default=None, help=TEMPLATE_HELP)
+    ap.add_argument("--system", default=None, help=SYSTEM_HELP)
     ap.add_argument("--no-color", action="store_true", help="mark trained tokens as [tok] instead of colour")
     args = ap.parse_args(argv)
-    tok = load_tokenizer(args.ckpt, args.template)
+    tok = load_tokenizer(args.ckpt, args.template, args.system)
     first = read_records(args.data)[0][1]
     prefs = isinstance(first, dict) and ("chosen" in first or "response_0" in first)
     stats = {}
@@ -659,7 +811,8 @@ def show(argv=None):
         examples, tstats = tokenize_sft(tok, load_instructions(args.data, stats), args.max_len)
         batch = collate_sft(examples[:args.n], tok.pad_id)
     color = sys.stdout.isatty() and not args.no_color
-    print(f"{args.data}: template={tok.template} load={stats} tokenize={tstats}")
+    print(describe_template(tok))
+    print(f"{args.data}: load={stats} tokenize={tstats}")
     print("legend: " + render_masked(tok, tok.encode("trained"), [1] * 8, color) + " = trained, "
           + render_masked(tok, tok.encode("masked"), [0] * 8, color) + " = masked\n")
     for row in range(batch["input_ids"].shape[0]):
@@ -680,4 +833,6 @@ def show(argv=None):
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] != "show":
         sys.exit("usage: python data.py show --ckpt DIR --data FILE [--n 3]")
-    show(sys.argv[2:])
+    import common  # one-line errors, as every script
+
+    common.cli(lambda: show(sys.argv[2:]))

@@ -176,16 +176,17 @@ def main(argv=None):
     check_dpo_args(args)
     run = common.Run(args)
     common.seed_everything(args.seed + run.rank)
-    tok = data.load_tokenizer(args.ckpt, args.template)
+    tok = data.load_tokenizer(args.ckpt, args.template, args.system)
     load_stats = {}
     keep = (args.balance_by,) if args.balance_by else ()
     pairs = [p for path in args.data for p in data.load_preferences(path, load_stats, keep)]
-    train, tok_stats = data.tokenize_pairs(tok, pairs, args.max_len, args.template, args.opening_words)
+    train, tok_stats = data.tokenize_pairs(tok, pairs, args.max_len, args.opening_words)
     lengths = [data.example_length(e) for e in train]
     steps = common.plan_steps(lengths, args, run.world)
     groups = [pairs[e["index"]][args.balance_by] if args.balance_by else "all" for e in train]
     weights = balance_weights(groups)  # [N]
-    common.save_config(run, args, {"data_stats": load_stats, "tokenize_stats": tok_stats, "steps": len(steps),
+    run.print(data.describe_template(tok))
+    common.save_config(run, args, {"prompt_template": data.template_info(tok), "data_stats": load_stats, "tokenize_stats": tok_stats, "steps": len(steps),
                                    "padding": common.padding_report(lengths, args.batch_size, args.seed),
                                    "pair_weights": dict(zip(groups, weights.tolist()))})
     weights = weights.to(run.device)

@@ -482,11 +482,11 @@ def sample_next(logits, temperature=0.0, top_p=1.0, top_k=0, generator=None, can
 
 @torch.inference_mode()
 def generate(model, tokenizer, prompts, max_new_tokens=120, temperature=0.0, top_p=1.0, top_k=0,
-             num_samples=1, seed=0, batch_size=16, template=None, progress=False, pack=None):
+             num_samples=1, seed=0, batch_size=16, progress=False, pack=None):
     """Answer each prompt `num_samples` times. Returns a list (one per prompt) of
     lists (one per sample) of dicts {"ids": [...], "text": str, "finished": bool}.
 
-    prompts: strings, rendered with the checkpoint's template (data.render_prompt),
+    prompts: strings, rendered with the tokenizer's template (data.encode_prompt),
     or lists of token ids used as they are. Rows are left-padded and prefilled
     once; with num_samples > 1 each prompt's prefilled cache is copied to its K
     rows, so a prompt's tokens are processed once, not K times. A row stops at
@@ -499,7 +499,7 @@ def generate(model, tokenizer, prompts, max_new_tokens=120, temperature=0.0, top
     from tqdm import tqdm
 
     device = next(model.parameters()).device
-    encoded = [p if isinstance(p, list) else data.encode_prompt(tokenizer, p, template) for p in prompts]
+    encoded = [p if isinstance(p, list) else data.encode_prompt(tokenizer, p) for p in prompts]
     positions = model.config.raw.get("max_position_embeddings")
     too_long = next((i for i, ids in enumerate(encoded) if positions and len(ids) + max_new_tokens > positions), None)
     if too_long is not None:  # past its positions the model answers garbage, silently

@@ -155,7 +155,7 @@ def sample_and_select(policy, tok, prompts, reward_fn, args, seed: int):
     t0 = time.time()
     samples = model_lib.generate(policy, tok, prompts, max_new_tokens=args.max_new_tokens,
                                  temperature=args.temperature, top_p=args.top_p, num_samples=args.k,
-                                 seed=seed, batch_size=args.gen_batch_size, template=args.template,
+                                 seed=seed, batch_size=args.gen_batch_size,
                                  progress=not args.quiet)  # [P][K] dicts
     t_sample = time.time() - t0
     flat = [s["text"] for row in samples for s in row]
@@ -195,6 +195,8 @@ def sft_argv(args, ckpt, kept_file, out_dir, iteration: int) -> list[str]:
             "--overwrite"]  # an unfinished iteration (no config.json yet) is redone from scratch
     if args.template:
         argv += ["--template", args.template]
+    if args.system is not None:
+        argv += ["--system", args.system]
     if args.lora_rank > 0:
         argv += ["--lora-rank", str(args.lora_rank)]
     if args.quiet:
@@ -223,7 +225,8 @@ def build_parser():
     ap.add_argument("--keep-frac", type=float, default=None, help="--rank global: share kept (default 1/K)")
     ap.add_argument("--drop-truncated", action="store_true", help="drop answers cut by --max-new-tokens")
     ap.add_argument("--max-repeat", type=float, default=0.5, help="drop answers with more repeated 4-grams")
-    ap.add_argument("--template", default=None, help="prompt template (default: the checkpoint's)")
+    ap.add_argument("--template", default=None, help=data.TEMPLATE_HELP)
+    ap.add_argument("--system", default=None, help=data.SYSTEM_HELP)
     ap.add_argument("--reward-batch-size", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--resume", action="store_true", help="skip finished iterations, continue from the last one")
@@ -285,7 +288,9 @@ def main(argv=None):
             continue
         batch = iteration_prompts(prompts, it, args.prompts_per_iter)
         policy = model_lib.load_model(ckpt, device=device)
-        tok = data.load_tokenizer(ckpt, args.template)
+        tok = data.load_tokenizer(ckpt, args.template, args.system)
+        if it == 1:
+            print(data.describe_template(tok), flush=True)
         records, kept, stats = sample_and_select(policy, tok, batch, reward_fn, args, seed=args.seed + it)
         del policy  # sft.py loads its own copy
         if not kept:

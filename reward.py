@@ -111,15 +111,15 @@ def load_reward_model(ckpt, device=None) -> model_lib.Llama:
 
 
 @torch.inference_mode()
-def score_texts(rm, tok, prompts, answers, batch_size=16, max_len=1024, template=None, desc=None) -> list[float]:
+def score_texts(rm, tok, prompts, answers, batch_size=16, max_len=1024, desc=None) -> list[float]:
     """Reward of each (prompt, answer): the score head at the last token of
-    encode_prompt(prompt) + encode_response(answer). Sequences longer than
+    encode_prompt(prompt) + encode_response(prompt, answer). Sequences longer than
     max_len keep their first max_len tokens (the answer's end is lost, so is
     its end-of-turn token). Rows are batched by length to waste little padding;
     scores come back in the input order. With `desc`, a progress bar says so."""
     if len(prompts) != len(answers):
         raise ValueError(f"score_texts: {len(prompts)} prompts but {len(answers)} answers")
-    seqs = [(data.encode_prompt(tok, p, template) + data.encode_response(tok, a, template))[:max_len]
+    seqs = [(data.encode_prompt(tok, p) + data.encode_response(tok, p, a))[:max_len]
             for p, a in zip(prompts, answers)]
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
     device = next(rm.parameters()).device
@@ -137,12 +137,12 @@ def score_texts(rm, tok, prompts, answers, batch_size=16, max_len=1024, template
     return scores
 
 
-def pairwise_accuracy(rm, tok, pairs, batch_size=16, template=None) -> dict:
+def pairwise_accuracy(rm, tok, pairs, batch_size=16) -> dict:
     """Share of pairs with r(chosen) > r(rejected) (a tie counts as wrong), and the mean margin."""
     prompts = [p["prompt"] for p in pairs]
-    chosen = score_texts(rm, tok, prompts, [p["chosen"] for p in pairs], batch_size, template=template,
+    chosen = score_texts(rm, tok, prompts, [p["chosen"] for p in pairs], batch_size,
                          desc="scoring chosen")
-    rejected = score_texts(rm, tok, prompts, [p["rejected"] for p in pairs], batch_size, template=template,
+    rejected = score_texts(rm, tok, prompts, [p["rejected"] for p in pairs], batch_size,
                            desc="scoring rejected")
     margins = [c - r for c, r in zip(chosen, rejected)]
     correct = [m > 0 for m in margins]
@@ -220,7 +220,8 @@ def build_parser():
                     help="bf16 = autocast (fp32 master weights), also for the held-out scoring; "
                          "auto = bf16 where the hardware multiplies bf16 natively")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--template", default=None)
+    ap.add_argument("--template", default=None, help=data.TEMPLATE_HELP)
+    ap.add_argument("--system", default=None, help=data.SYSTEM_HELP)
     ap.add_argument("--log-every", type=int, default=10)
     return ap
 
@@ -338,11 +339,12 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     t_start = time.time()
     out = Path(args.out)
-    tok = data.load_tokenizer(args.ckpt, args.template)
+    tok = data.load_tokenizer(args.ckpt, args.template, args.system)
+    print(data.describe_template(tok))
     load_stats = {}
     pairs = data.load_preferences(args.data, load_stats)
     train_pairs, held_out = split_pairs(pairs, args.train_pairs, args.eval_pairs, args.seed)
-    train, tok_stats = data.tokenize_pairs(tok, train_pairs, args.max_len, args.template)
+    train, tok_stats = data.tokenize_pairs(tok, train_pairs, args.max_len)
     lengths = [data.example_length(e) for e in train]
     steps = common.plan_steps(lengths, args, world=1) if args.train_layers != 0 else []  # head only: no steps
 
@@ -358,7 +360,7 @@ def main(argv=None):
         freeze_lower(rm, args.train_layers)
     rm.train()
     n_train = sum(p.numel() for p in rm.parameters() if p.requires_grad)
-    config = {**vars(args), "data_stats": load_stats, "tokenize_stats": tok_stats, "steps": len(steps),
+    config = {**vars(args), "prompt_template": data.template_info(tok), "data_stats": load_stats, "tokenize_stats": tok_stats, "steps": len(steps),
               "trainable_params": n_train, "total_params": sum(p.numel() for p in rm.parameters()),
               "held_out_pairs": len(held_out)}
     print(json.dumps(config, indent=2), flush=True)
@@ -376,9 +378,10 @@ def main(argv=None):
     if args.lora_rank > 0:
         model_lib.merge_lora(rm)
     model_lib.save_model(rm, out)
+    common.save_template_file(out, args)
     t_train = time.time() - t_start
     with autocast:
-        result = pairwise_accuracy(rm, tok, held_out, args.eval_batch_size, args.template)
+        result = pairwise_accuracy(rm, tok, held_out, args.eval_batch_size)
     result.update(train_seconds=round(t_train, 1), total_seconds=round(time.time() - t_start, 1))
     low, high = result["interval"]
     print(f"held-out pairwise accuracy {result['accuracy']:.4f} on {result['pairs']} pairs "

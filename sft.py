@@ -52,15 +52,16 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     run = common.Run(args)
     common.seed_everything(args.seed + run.rank)
-    tok = data.load_tokenizer(args.ckpt, args.template)
+    tok = data.load_tokenizer(args.ckpt, args.template, args.system)
     examples, load_stats = load_examples(args)
-    train, tok_stats = data.tokenize_sft(tok, examples, args.max_len, args.template)
+    train, tok_stats = data.tokenize_sft(tok, examples, args.max_len)
     lengths = [len(e["input_ids"]) for e in train]
     steps = common.plan_steps(lengths, args, run.world)
     model = common.load_policy(args, run.device)
     net = common.wrap_ddp(model, run)
     opt, sched = common.make_optimizer(model, args, len(steps))
-    common.save_config(run, args, {"data_stats": load_stats, "tokenize_stats": tok_stats, "steps": len(steps),
+    run.print(data.describe_template(tok))
+    common.save_config(run, args, {"prompt_template": data.template_info(tok), "data_stats": load_stats, "tokenize_stats": tok_stats, "steps": len(steps),
                                    "padding": common.padding_report(lengths, args.batch_size, args.seed)})
     start = common.load_state(run, model, opt, sched) if args.resume else 0
     log = common.StepLog(run, start)

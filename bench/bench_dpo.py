@@ -104,7 +104,7 @@ def run_trl(path, n_pairs, max_len, steps):
     examples, source = longest_pairs(tok, n_pairs, max_len)
     pairs = data.load_preferences(source)[:2000]
     chosen_pairs = [pairs[ex["index"]] for ex in examples]
-    end = data.TEMPLATES[tok.template]["end"]
+    end = tok.decode([tok.end_of_turn_id], skip_special=False)
     ds = datasets.Dataset.from_list([{"prompt": data.render_prompt(tok, p["prompt"]),
                                       "chosen": p["chosen"].strip() + end,
                                       "rejected": p["rejected"].strip() + end} for p in chosen_pairs])

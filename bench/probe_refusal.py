@@ -57,7 +57,7 @@ def fit_probe(x: torch.Tensor, y: torch.Tensor, l2: float = 1e-2):
 def refusal_openers(tok, pairs) -> list[int]:
     """First tokens that open a harmful pair's chosen answer and no benign pair's."""
     def first(kind):
-        return {data.encode_response(tok, p["chosen"])[0] for p in pairs if p["kind"] == kind}
+        return {data.encode_response(tok, p["prompt"], p["chosen"])[0] for p in pairs if p["kind"] == kind}
     return sorted(first("harmful") - first("benign"))
 
 

@@ -103,7 +103,7 @@ def test_truncation_cuts_prompt_from_left_keeps_answer_and_counts_drops(tok):
     assert stats == {"pairs": 2, "truncated_prompt": 1, "dropped_too_long": 1, "kept": 1}
     ex = out[0]
     assert ex["prompt_ids"] == full[-len(ex["prompt_ids"]):]  # the end of the prompt is kept
-    assert ex["chosen_ids"] == data.encode_response(tok, pairs[0]["chosen"])
+    assert ex["chosen_ids"] == data.encode_response(tok, long_prompt, pairs[0]["chosen"])
     assert len(ex["prompt_ids"]) + len(ex["chosen_ids"]) == 40  # the longer answer's sequence fills max_len
 
 
@@ -113,7 +113,7 @@ def test_opening_words_cut_answers_and_leave_them_open(tok):
     out, stats = data.tokenize_pairs(tok, pairs, max_len=64, opening_words=2)
     assert stats["dropped_same_opening"] == 1 and stats["kept"] == 1  # "I can't" opens both answers of pair 2
     assert out[0]["chosen_ids"] == tok.encode("Sure! Here") and out[0]["rejected_ids"] == tok.encode("I can't")
-    closed = data.encode_response(tok, "Sure! Here")
+    closed = data.encode_response(tok, "Hi", "Sure! Here")
     assert closed[:-1] == out[0]["chosen_ids"] and closed[-1] not in out[0]["chosen_ids"]  # no end of turn
 
 

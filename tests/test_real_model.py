@@ -77,3 +77,36 @@ def test_tokenizer_equals_transformers_on_real_strings(smol):
     assert data.render_prompt(tok, chat[0]["content"]) == hf.apply_chat_template(
         chat, tokenize=False, add_generation_prompt=True)
     assert tok.decode(tok.encode(strings[5])) == strings[5]
+
+
+def test_main_job_prompts_and_answers_are_the_ids_of_before(smol):
+    """Rendering SmolLM2's own chat template gives every demo prompt and answer
+    the ids the earlier hand-written ChatML gave (its default system message,
+    then the user turn; the answer stripped, closed by <|im_end|>), so the
+    README's numbers still hold."""
+    _, tok = smol
+    system = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    end = tok.special["<|im_end|>"]
+    demo = Path(__file__).resolve().parents[1] / "demo_data"
+    n = 0
+    for file in sorted(demo.glob("*.json*")):
+        for _, rec in data.read_records(file):
+            prompt = rec.get("prompt") or rec.get("instruction") or rec.get("question")
+            user = f"{prompt}\n\n{rec['input']}" if rec.get("input") else prompt
+            before = tok.encode(f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n"
+                                "<|im_start|>assistant\n")
+            assert data.encode_prompt(tok, prompt, rec.get("input", "")) == before, f"{file.name}: {prompt!r}"
+            for key in ("response", "output", "chosen", "rejected", "reference"):
+                if rec.get(key):
+                    assert data.encode_response(tok, prompt, rec[key], rec.get("input", "")) == \
+                        tok.encode(rec[key].strip()) + [end], f"{file.name}: {key} of {prompt!r}"
+            n += 1
+    assert n > 500
+
+
+def test_smollm2_prompt_equals_transformers_apply_chat_template(smol):
+    _, tok = smol
+    ref = transformers.AutoTokenizer.from_pretrained(model_lib.resolve_ckpt("smollm2"))
+    for q in ("How do I bake bread?", "Write a haiku about rain.\n\nMake it sad."):
+        out = ref.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True)
+        assert data.encode_prompt(tok, q) == list(out["input_ids"] if hasattr(out, "keys") else out)

@@ -52,13 +52,13 @@ def test_reward_model_matches_transformers(tmp_path):
     mine = reward.score_texts(ours, tok, prompts, answers, batch_size=2)
     ref = []
     for p, a in zip(prompts, answers):  # one row at a time: no padding for transformers to interpret
-        ids = torch.tensor([data.encode_prompt(tok, p) + data.encode_response(tok, a)])
+        ids = torch.tensor([data.encode_prompt(tok, p) + data.encode_response(tok, p, a)])
         with torch.no_grad():
             ref.append(hf(input_ids=ids).logits[0, 0].item())
     assert max(abs(x - y) for x, y in zip(mine, ref)) < 1e-4
     assert len(set(round(x, 4) for x in mine)) == 3  # a real head: the scores differ
     # Batched, padded with the config's pad_token_id as score_texts pads.
-    seqs = [data.encode_prompt(tok, p) + data.encode_response(tok, a) for p, a in zip(prompts, answers)]
+    seqs = [data.encode_prompt(tok, p) + data.encode_response(tok, p, a) for p, a in zip(prompts, answers)]
     ids, mask = data.right_pad(seqs, reward.reward_pad_id(tok))
     with torch.no_grad():
         batched = hf(input_ids=ids, attention_mask=mask).logits[:, 0].tolist()

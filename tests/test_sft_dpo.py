@@ -69,7 +69,7 @@ def test_dpo_nll_weight_adds_the_chosen_per_token_nll(ckpt, toy_prefs, tmp_path,
                   "--opening-words", opening_words))
     first = log(tmp_path / "rpo")[0]
     # every chosen answer: "A" + end of turn; with --opening-words, "A" alone
-    n = len(data.encode_response(data.load_tokenizer(ckpt), "A", closed=not opening_words))
+    n = len(data.encode_response(data.load_tokenizer(ckpt), "Q", "A", closed=not opening_words))
     assert first["nll/chosen"] == pytest.approx(-first["logps/chosen"] / n, rel=1e-5)
     assert first["loss"] == pytest.approx(math.log(2) + 0.5 * first["nll/chosen"], rel=1e-5)
 
