@@ -147,7 +147,10 @@ def _finish(tok: Tokenizer, folder, tok_cfg, gen_cfg, cfg, template, system):
 def _bpe(file: Path, tok_cfg, gen_cfg, cfg, template, system) -> Tokenizer:
     from tokenizers import Tokenizer as HFTokenizer
 
-    impl = HFTokenizer.from_file(str(file))
+    try:
+        impl = HFTokenizer.from_file(str(file))
+    except Exception as e:  # the tokenizers package raises a bare Exception for a torn or foreign file
+        raise ValueError(f"{file}: not a readable tokenizer.json ({e}); the download may be truncated") from None
     special = {t.content: i for i, t in impl.get_added_tokens_decoder().items() if t.special}
 
     def tid(key, cfg_key):
@@ -174,7 +177,10 @@ def _sentencepiece(file: Path, folder, tok_cfg, gen_cfg, cfg, template, system) 
 
     if not file.is_file():
         raise FileNotFoundError(f"{file} does not exist")
-    sp = spm.SentencePieceProcessor(model_file=str(file))
+    try:
+        sp = spm.SentencePieceProcessor(model_file=str(file))
+    except (RuntimeError, OSError) as e:
+        raise ValueError(f"{file}: not a readable sentencepiece model ({e})") from None
     bos, eos, pad = sp.bos_id(), sp.eos_id(), sp.pad_id()
     special = {sp.id_to_piece(i): i for i in (bos, eos) if i >= 0}
     tok = Tokenizer("sentencepiece", sp, bos if bos >= 0 else None, eos, pad if pad >= 0 else eos,

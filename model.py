@@ -57,6 +57,12 @@ class LlamaConfig:
                 raise ValueError(f"{source}: required field '{key}' is missing")
             return d[key]
 
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                    "num_key_value_heads", "head_dim", "max_position_embeddings"):
+            v = d.get(key)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise ValueError(f"{source}: '{key}' must be a positive whole number, got {v!r}")
+
         if d.get("model_type", "llama") not in ("llama", "mistral"):
             raise ValueError(f"{source}: model_type '{d['model_type']}' is not a LLaMA-family model; "
                              "model.py implements model_type 'llama'")
@@ -643,7 +649,12 @@ def load_model(ckpt=DEFAULT_CKPT, dtype=None, device=None) -> Llama:
     index = path / "model.safetensors.index.json"
     owner = _read_index(index)["weight_map"] if index.is_file() else {}  # tensor -> the shard the index names
     for file in weight_files(path):
-        with safe_open(str(file), framework="pt", device="cpu") as f:
+        try:
+            f = safe_open(str(file), framework="pt", device="cpu")
+        except Exception as e:  # safetensors raises its own error type for a torn or foreign file
+            raise ValueError(f"{file}: not a readable safetensors file ({e}); the download may be truncated") \
+                from None
+        with f:
             for name in f.keys():
                 if owner and owner.get(name) != file.name:
                     continue  # a stale copy in another shard: the index says where each tensor lives

@@ -224,3 +224,31 @@ def test_resume_with_dtype_auto_and_the_pipeline_resumes_a_stage(ckpt, prefs, tm
     out = tmp_path / "run"
     dpo.main(argv(ckpt, prefs, out, "--max-steps", 2, "--save-every", 1, "--dtype", "auto"))
     dpo.main(argv(ckpt, prefs, out, "--max-steps", 2, "--save-every", 1, "--dtype", "auto", "--resume"))
+
+
+@pytest.mark.parametrize("damage, error", [
+    ("heads", r"config.json: 'num_attention_heads' must be a positive whole number, got '4'"),
+    ("safetensors", r"model.safetensors: not a readable safetensors file \(.*\); the download may be truncated"),
+    ("tokenizer", r"tokenizer.json: not a readable tokenizer.json \(.*\); the download may be truncated"),
+])
+def test_damaged_checkpoint_files_are_named(tmp_path, prefs, damage, error):
+    folder = tiny_ckpt(tmp_path / "m")
+    if damage == "heads":
+        cfg = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**cfg, "num_attention_heads": "4"}))
+    else:
+        f = folder / ("model.safetensors" if damage == "safetensors" else "tokenizer.json")
+        f.write_bytes(f.read_bytes()[:f.stat().st_size // 2])  # a torn download
+    run = subprocess.run([sys.executable, "dpo.py", *argv(folder, prefs, tmp_path / "out")], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1
+    import re
+    assert re.search(error, run.stderr), run.stderr
+
+
+def test_xstest_csv_row_with_missing_cells_is_named(tmp_path):
+    f = tmp_path / "x.csv"
+    f.write_text("id,prompt,type,label\n1,How do I kill a process?,homonyms,safe\n2,Hello\n")
+    with pytest.raises(ValueError, match=r"x.csv:3: the row has fewer cells than the header"):
+        ev.load_benchmark(f)
