@@ -348,10 +348,8 @@ def padding_report(lengths, batch_size, seed) -> str:
 # ----------------------------------------------------------------------------
 # Checkpoints
 
-def save_state(run, model, opt, sched, step: int):
-    """state/trainer.pt: trainable weights, optimiser, schedule, RNG of every
-    rank and the step; written to a temporary file and renamed, so a crash
-    leaves the previous state whole."""
+def rng_states(run) -> list:
+    """The RNG state of every rank (a collective call under DDP)."""
     rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
     rngs = [None] * run.world
@@ -359,6 +357,14 @@ def save_state(run, model, opt, sched, step: int):
         dist.all_gather_object(rngs, rng)
     else:
         rngs = [rng]
+    return rngs
+
+
+def save_state(run, model, opt, sched, step: int, rngs=None):
+    """state/trainer.pt: trainable weights, optimiser, schedule, RNG of every
+    rank (`rngs`, default: now) and the step; written to a temporary file and
+    renamed, so a crash leaves the previous state whole."""
+    rngs = rngs or rng_states(run)
     if run.main:
         trainable = {k: v for k, v in model.state_dict().items() if k in _trainable_names(model)}
         if not all(torch.isfinite(v).all() for v in trainable.values()):
@@ -407,9 +413,22 @@ def load_state(run, model, opt, sched) -> int:
 
 
 def maybe_save_state(run, model, opt, sched, done: int, total: int, args):
-    """Every --save-every steps (not after the last: the final model follows)."""
+    """Every --save-every steps (not after the last: the final model follows),
+    the state after step `done` is due. It is written by write_due_state once
+    the next step's loss and gradient are known to be finite: weights can be
+    finite and already broken (--lr 1e30), and state/ must only ever hold
+    weights that still give finite numbers. Its RNG is the one of now."""
     if args.save_every and done % args.save_every == 0 and done < total:
-        save_state(run, model, opt, sched, done)
+        run.due_state = (done, rng_states(run))
+
+
+def write_due_state(run, model, opt, sched):
+    """After check_finite passed, before the optimiser step: the weights, optimiser
+    and schedule are still those of the due step, and they gave a finite loss."""
+    if getattr(run, "due_state", None):
+        step, rngs = run.due_state
+        save_state(run, model, opt, sched, step, rngs)
+        run.due_state = None
         plot_curves(run)
 
 
@@ -499,8 +518,8 @@ def check_finite(loss: float, grad_norm: float, step: int, run):
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
         raise FloatingPointError(
             f"step {step}: loss={loss} grad_norm={grad_norm} is not finite; stopped before the optimiser step. "
-            + (f"The last state with finite weights is {run.state_dir / 'trainer.pt'} (step {run.saved_step}); "
-               if run.saved_step is not None else "No state was saved; ")
+            + (f"The last state whose weights still gave a finite loss and gradient is {run.state_dir / 'trainer.pt'} "
+               f"(step {run.saved_step}); " if run.saved_step is not None else "No state was saved; ")
             + "try a lower --lr, "
             "--dtype fp32, or check the data with `python data.py show`.")
 

@@ -90,6 +90,7 @@ def main(argv=None):
         loss_value = float(run.sum(loss_sum))
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
         common.check_finite(loss_value, float(grad_norm), step + 1, run)
+        common.write_due_state(run, model, opt, sched)
         lr = sched.get_last_lr()[0]
         opt.step()
         sched.step()

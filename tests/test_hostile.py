@@ -252,3 +252,21 @@ def test_xstest_csv_row_with_missing_cells_is_named(tmp_path):
     f.write_text("id,prompt,type,label\n1,How do I kill a process?,homonyms,safe\n2,Hello\n")
     with pytest.raises(ValueError, match=r"x.csv:3: the row has fewer cells than the header"):
         ev.load_benchmark(f)
+
+
+def test_a_nan_stop_keeps_the_last_state_whose_weights_gave_a_finite_loss(ckpt, tmp_path, monkeypatch):
+    """--lr 1e30 in effect from the second update: the weights after it are finite
+    (about 1e30) but give a NaN gradient. Their state was due at step 2 and is not
+    written; state/ keeps step 1's, the last whose weights still gave finite numbers."""
+    import common
+
+    normal = common.lr_factor
+    monkeypatch.setattr(common, "lr_factor", lambda s, total, warmup: normal(s, total, warmup) * (1e30 if s else 1))
+    rows = tmp_path / "sft.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": f"Q{i}", "response": "Sure! Here is how."}) + "\n"
+                            for i in range(8)))
+    out = tmp_path / "run"
+    with pytest.raises(FloatingPointError, match=r"step 3: .* not finite; .* gave a finite loss and gradient is .*trainer.pt \(step 1\)"):
+        sft.main(argv(ckpt, str(rows), out, "--max-steps", 4, "--save-every", 1, "--batch-size", 2, "--lr", 1e-3))
+    state = torch.load(out / "state" / "trainer.pt", weights_only=True)
+    assert state["step"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values())
