@@ -351,10 +351,13 @@ def describe_template(tok: Tokenizer) -> str:
     return f"prompt template: {what}{system}"
 
 
+def _user_text(instruction, input=""):
+    return f"{instruction}\n\n{input}" if input else instruction
+
+
 def _conversation(tok, instruction, input=""):
-    user = f"{instruction}\n\n{input}" if input else instruction
     return ([{"role": "system", "content": tok.system}] if tok.system is not None else []) + \
-        [{"role": "user", "content": user}]
+        [{"role": "user", "content": _user_text(instruction, input)}]
 
 
 def render_prompt(tok: Tokenizer, instruction: str, input: str = "") -> str:
@@ -367,7 +370,7 @@ def render_prompt(tok: Tokenizer, instruction: str, input: str = "") -> str:
             return f"{head}\n\n### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
         head = ALPACA_HEAD if tok.system is None else tok.system
         return f"{head}\n\n### Instruction:\n{instruction}\n\n### Response:\n"
-    user = f"{instruction}\n\n{input}" if input else instruction
+    user = _user_text(instruction, input)
     return user if tok.system is None else f"{tok.system}\n\n{user}"
 
 
@@ -652,21 +655,22 @@ def tokenize_pairs(tok, pairs, max_len, opening_words=0):
 
     opening_words > 0: each answer is cut to its first that many words and left
     open (no end-of-turn token), so training sees only how answers begin (for a
-    safety pair: decline or help). Pairs whose openings are equal are dropped."""
+    safety pair: decline or help). Pairs whose openings are equal are dropped.
+    An int for every pair, or a list with one per pair (0: that pair's whole answers)."""
+    words = opening_words if isinstance(opening_words, list) else [opening_words] * len(pairs)
     out, stats = [], {"pairs": len(pairs), "truncated_prompt": 0, "dropped_too_long": 0}
-    if opening_words:
+    if any(words):
         stats["dropped_same_opening"] = 0
 
-    def answer(pair, text):
-        if not opening_words:
+    def answer(pair, text, n):
+        if not n:
             return encode_response(tok, pair["prompt"], text, pair.get("input", ""))
-        return encode_response(tok, pair["prompt"], " ".join(text.split()[:opening_words]), pair.get("input", ""),
-                               closed=False)
+        return encode_response(tok, pair["prompt"], " ".join(text.split()[:n]), pair.get("input", ""), closed=False)
 
-    for i, pair in enumerate(pairs):
+    for i, (pair, n) in enumerate(zip(pairs, words)):
         p = encode_prompt(tok, pair["prompt"], pair.get("input", ""))
-        c, r = answer(pair, pair["chosen"]), answer(pair, pair["rejected"])
-        if opening_words and c == r:
+        c, r = answer(pair, pair["chosen"], n), answer(pair, pair["rejected"], n)
+        if n and c == r:
             stats["dropped_same_opening"] += 1
             continue
         fit = _fit_prompt(tok, p, max(len(c), len(r)), max_len)

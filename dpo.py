@@ -30,7 +30,8 @@ left open (no end-of-turn token), so the whole loss is on how the answer
 begins. A safety pair's decision, decline or help, is made there; with whole
 answers most of the loss goes to the rest. On the demo data the decision then
 ranked held-out prompts better than after any whole-answer run, and more so
-with more prompts (README). The model keeps writing the rest as before.
+with more prompts (README). Pairs given with --whole-data keep their whole
+answers all the same (an anchor for how whole answers go on).
 
 Learning rate: the paper's 5e-7 is for 7B models and thousands of steps. A
 demo run here is tens of steps, so the default is 5e-6 (full fine-tuning):
@@ -68,6 +69,9 @@ def build_parser():
     ap.add_argument("--opening-words", type=int, default=0,
                     help="> 0: train on how answers begin, their first N words (data.tokenize_pairs); "
                          "0 = whole answers")
+    ap.add_argument("--whole-data", action="append", default=[], metavar="FILE",
+                    help="more preference pairs, trained on whole answers even with --opening-words (e.g. the "
+                         "model's own answers to ordinary instructions against refusals: an anchor for whole answers)")
     ap.add_argument("--balance-by", metavar="FIELD",
                     help="a field of every pair (e.g. kind: harmful / benign): weight the pairs so that each of "
                          "its values carries the same share of the loss (balance_weights); default: all alike")
@@ -179,14 +183,18 @@ def main(argv=None):
     tok = data.load_tokenizer(args.ckpt, args.template, args.system)
     load_stats = {}
     keep = (args.balance_by,) if args.balance_by else ()
-    pairs = [p for path in args.data for p in data.load_preferences(path, load_stats, keep)]
-    train, tok_stats = data.tokenize_pairs(tok, pairs, args.max_len, args.opening_words)
+    opened = [p for path in args.data for p in data.load_preferences(path, load_stats, keep)]
+    whole = [p for path in args.whole_data for p in data.load_preferences(path, load_stats, keep)]
+    pairs = opened + whole
+    words = [args.opening_words] * len(opened) + [0] * len(whole)
+    train, tok_stats = data.tokenize_pairs(tok, pairs, args.max_len, words)
     lengths = [data.example_length(e) for e in train]
     steps = common.plan_steps(lengths, args, run.world)
     groups = [pairs[e["index"]][args.balance_by] if args.balance_by else "all" for e in train]
     weights = balance_weights(groups)  # [N]
     run.print(data.describe_template(tok))
-    common.save_config(run, args, {"prompt_template": data.template_info(tok), "data_stats": load_stats, "tokenize_stats": tok_stats, "steps": len(steps),
+    common.save_config(run, args, {"prompt_template": data.template_info(tok), "data_stats": load_stats,
+                                   "tokenize_stats": tok_stats, "steps": len(steps),
                                    "padding": common.padding_report(lengths, args.batch_size, args.seed),
                                    "pair_weights": dict(zip(groups, weights.tolist()))})
     weights = weights.to(run.device)

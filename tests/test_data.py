@@ -116,6 +116,11 @@ def test_opening_words_cut_answers_and_leave_them_open(tok):
     closed = data.encode_response(tok, "Hi", "Sure! Here")
     assert closed[:-1] == out[0]["chosen_ids"] and closed[-1] not in out[0]["chosen_ids"]  # no end of turn
 
+    # one setting per pair: the second pair whole (closed), the first cut
+    out, stats = data.tokenize_pairs(tok, pairs, max_len=64, opening_words=[2, 0])
+    assert stats["kept"] == 2 and out[0]["chosen_ids"] == tok.encode("Sure! Here")
+    assert out[1]["chosen_ids"] == data.encode_response(tok, "Hi", "I can't help, sorry.")
+
 
 @pytest.mark.skipif(not (SHARED / "tokenizers" / "llama2_tokenizer.model").is_file(), reason="../shared/data absent")
 def test_truncation_keeps_the_single_bos():

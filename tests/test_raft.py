@@ -2,6 +2,7 @@
 import json
 import math
 import re
+from pathlib import Path
 
 import pytest
 from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
@@ -153,3 +154,32 @@ def test_one_iteration_raises_fresh_reward_and_resume_skips_it(tmp_path):
     second = [json.loads(line) for line in (tmp_path / "raft" / "iter_2" / "samples.jsonl").read_text().splitlines()]
     # iteration 2 with 4 prompts per iteration: the shuffled list's slots 4..7, which iteration 1 also had
     assert [r["prompt"] for r in second] == [r["prompt"] for r in records[4:8]]
+
+
+def test_a_kill_after_an_iterations_sft_loses_no_log_line_and_no_folder_stays(tmp_path, monkeypatch):
+    """Killed after iteration 1's sft.py finished, before raft_log.jsonl was
+    written, with a half-written final folder of a killed save beside it: the
+    resumed run skips iteration 1, keeps its log line, leaves no .final* folder."""
+    ckpt = word_ckpt(tmp_path / "lm", seed=2)
+    out = tmp_path / "raft"
+    argv = ["--ckpt", str(ckpt), "--prompts", PROMPTS, "--reward", "count:fox", "--out", str(out),
+            "--prompts-per-iter", "4", "--k", "2", "--max-new-tokens", "8", "--sft-max-steps", "1",
+            "--sft-batch-size", "2", "--quiet", "--sft-log-every", "0", "--iterations", "2"]
+    real_write = raft.write_jsonl
+
+    def killed(path, rows):
+        if Path(path).name == "raft_log.jsonl":
+            raise KeyboardInterrupt("kill -9")
+        real_write(path, rows)
+
+    monkeypatch.setattr(raft, "write_jsonl", killed)
+    with pytest.raises(KeyboardInterrupt):
+        raft.main(argv)
+    monkeypatch.setattr(raft, "write_jsonl", real_write)
+    assert (out / "iter_1" / "config.json").is_file() and not (out / "raft_log.jsonl").exists()
+    (out / ".iter_2.final").mkdir()  # what a save killed mid-way leaves
+    (out / ".iter_2.final" / "model.safetensors").write_bytes(b"torn")
+    raft.main(argv + ["--resume"])
+    log = [json.loads(line) for line in (out / "raft_log.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in log] == [1, 2] and log[0]["sft_seconds"] is not None
+    assert not list(out.glob(".*final*"))
