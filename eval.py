@@ -18,8 +18,11 @@ Kinds of benchmark, and the number reported for each:
 
 Judges (`--judge`, may be given twice, e.g. `--judge llamaguard:DIR --judge reward:DIR`);
 `--judge-check FILE` measures one against human labels (judge_check.py):
-  * `refusal` (default): string patterns, see `refusal_verdict`. It always runs,
-    since it is free, and is what "refused" means for benign prompts.
+  * `refusal` (default): string patterns, see `refusal_verdict`. It is what
+    "refused" means for benign and ordinary prompts, unless:
+  * `learned:DIR`: a probe on a frozen model's features of (prompt, answer),
+    fitted on labelled completions (`python judge_check.py fit`), decides
+    "refused" instead of the patterns (docs/judge.md has both measured).
   * `llamaguard:DIR` (or `llamaguard1:`/`llamaguard2:`/`llamaguard3:` to force the
     version): the paper's judge, for harmful prompts.
   * `reward:DIR`: a LlamaForSequenceClassification reward model; adds medians.
@@ -440,6 +443,73 @@ class RewardJudge:
 
 
 # ----------------------------------------------------------------------------
+# Learned refusal judge (`--judge learned:DIR`, fitted by `python judge_check.py
+# fit`): a logistic probe on a frozen backbone's features of (prompt, answer).
+# DIR holds probe.safetensors (w, b, and the features' mean and std it was
+# fitted on) and judge.json (backbone, depth, where it was fitted, the command).
+
+LEARNED_MAX_ANSWER = 160  # default: answer tokens the features read (a refusal shows early)
+
+
+@torch.inference_mode()
+def answer_features(backbone, tok, prompts, answers, batch_size=8, max_answer=LEARNED_MAX_ANSWER) -> torch.Tensor:
+    """[N, H] float64: the backbone's last hidden state (after its final norm)
+    averaged over each answer's tokens (the first max_answer, its end of turn
+    included when it fits), the prompt rendered with the template."""
+    device = next(backbone.parameters()).device
+    rows = [(data.encode_prompt(tok, p), data.encode_response(tok, p, a)[:max_answer])
+            for p, a in zip(prompts, answers)]
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]) + len(rows[i][1]))  # little padding
+    out = [None] * len(rows)
+    for s in range(0, len(order), batch_size):
+        chunk = order[s:s + batch_size]
+        ids, mask = data.right_pad([rows[i][0] + rows[i][1] for i in chunk], tok.pad_id, device)
+        hidden = backbone(ids, mask, return_hidden=True)  # [B, T, H]
+        for j, i in enumerate(chunk):
+            n, m = len(rows[i][0]), len(rows[i][1])
+            out[i] = hidden[j, n:n + m].double().mean(0)
+    return torch.stack(out)
+
+
+def load_backbone(ckpt, layers=None, device=None):
+    """The frozen feature model: the checkpoint's lowest `layers` blocks (all by default)."""
+    backbone = model_lib.load_model(ckpt, device=device)
+    n = backbone.config.num_hidden_layers
+    if layers is not None:
+        if not 1 <= layers <= n:
+            raise ValueError(f"layers {layers}: {ckpt} has {n} blocks; choose 1..{n}")
+        backbone.model.layers = backbone.model.layers[:layers]
+    return backbone.eval()
+
+
+class LearnedJudge:
+    def __init__(self, folder, device=None):
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        for name in ("judge.json", "probe.safetensors"):
+            if not (folder / name).is_file():
+                raise FileNotFoundError(f"--judge learned:{folder}: {folder / name} is missing (fit one with "
+                                        "`python judge_check.py fit`)")
+        self.config = data._read_json(folder / "judge.json")
+        probe = load_file(str(folder / "probe.safetensors"))
+        missing = {"w", "b", "mean", "std"} - set(probe)
+        if missing or "backbone" not in self.config:
+            raise ValueError(f"{folder}: not a learned judge this project wrote (missing {sorted(missing) or 'backbone'})")
+        self.probe = {k: v.double() for k, v in probe.items()}
+        self.backbone = load_backbone(self.config["backbone"], self.config.get("layers"), device)
+        self.tok = data.load_tokenizer(self.config["backbone"])
+
+    def logits(self, prompts, answers, batch_size=8) -> torch.Tensor:
+        x = answer_features(self.backbone, self.tok, prompts, answers, batch_size,
+                            self.config.get("max_answer_tokens", LEARNED_MAX_ANSWER)).cpu()
+        return ((x - self.probe["mean"]) / self.probe["std"]) @ self.probe["w"] + self.probe["b"]
+
+    def refused(self, prompts, answers, batch_size=8) -> list[bool]:
+        return (self.logits(prompts, answers, batch_size) > 0).tolist()
+
+
+# ----------------------------------------------------------------------------
 # Multiple choice by log-likelihood
 
 
@@ -496,22 +566,26 @@ def mcq_accuracy(model, tok, items, batch_size=16) -> dict:
 # Evaluation
 
 
-def parse_judges(specs) -> tuple[object, object, list[str]]:
-    """['refusal', 'llamaguard:DIR', 'reward:DIR'] -> (Llama Guard judge or None, reward judge or None, specs)."""
-    guard, reward = None, None
+def parse_judges(specs) -> tuple[object, object, object, list[str]]:
+    """['refusal', 'learned:DIR', 'llamaguard:DIR', 'reward:DIR'] -> (Llama Guard judge or None,
+    reward judge or None, refusal judge: a LearnedJudge or None for the patterns, specs)."""
+    guard = reward = learned = None
     for spec in specs or ["refusal"]:
         kind, _, path = spec.partition(":")
         if kind == "refusal" and not path:
             continue
-        if kind not in ("llamaguard", "llamaguard1", "llamaguard2", "llamaguard3", "reward"):
-            raise ValueError(f"--judge '{spec}': unknown judge; use refusal, llamaguard[1|2|3]:DIR or reward:DIR")
+        if kind not in ("llamaguard", "llamaguard1", "llamaguard2", "llamaguard3", "reward", "learned"):
+            raise ValueError(f"--judge '{spec}': unknown judge; use refusal, learned:DIR, llamaguard[1|2|3]:DIR "
+                             "or reward:DIR")
         if not path:
-            raise ValueError(f"--judge '{spec}': give a checkpoint folder, e.g. '{kind}:path/to/model'")
+            raise ValueError(f"--judge '{spec}': give a folder, e.g. '{kind}:path/to/model'")
         if kind in ("llamaguard", "llamaguard1", "llamaguard2", "llamaguard3"):
             guard = LlamaGuardJudge(path, version=int(kind[-1]) if kind[-1].isdigit() else None)
+        elif kind == "learned":
+            learned = LearnedJudge(path)
         else:
             reward = RewardJudge(path)
-    return guard, reward, list(specs or ["refusal"])
+    return guard, reward, learned, list(specs or ["refusal"])
 
 
 def parse_ckpts(specs) -> dict[str, str]:
@@ -559,7 +633,7 @@ def evaluate(ckpts, benches=(), judge="refusal", out=None, max_new_tokens=120, b
     if len({name for name, _, _ in parts}) != len(parts):
         raise ValueError(f"two benchmark files share a name: {[name for name, _, _ in parts]}; rename one")
     parts = [(name, kind, prompts[:limit]) for name, kind, prompts in parts]
-    guard, reward, specs = parse_judges([judge] if isinstance(judge, str) else judge)
+    guard, reward, learned, specs = parse_judges([judge] if isinstance(judge, str) else judge)
     if helpful and reward is None:
         raise ValueError("--helpful reports the median reward of the answers: add --judge reward:DIR")
     mcq_items = load_mcq(mcq)[:limit] if mcq else None
@@ -579,10 +653,11 @@ def evaluate(ckpts, benches=(), judge="refusal", out=None, max_new_tokens=120, b
                                       batch_size=batch_size, progress=True)
             answers = [o[0]["text"] for o in outs]
             guard_v = guard.judge(prompts, answers, batch_size) if guard and kind == HARMFUL else None
+            refusals = learned.refused(prompts, answers, batch_size) if learned else [is_refusal(a) for a in answers]
             scores = reward.score(prompts, answers, batch_size) if reward else [None] * len(prompts)
             recs = []
             for i, (p, o) in enumerate(zip(prompts, outs)):
-                refused = is_refusal(o[0]["text"])
+                refused = refusals[i] and bool(o[0]["text"].strip())  # an empty answer is counted apart
                 if kind != HARMFUL:
                     verdict, cats = ("refused" if refused else "answered"), []
                 elif guard_v:
@@ -728,7 +803,8 @@ def main(argv=None):
                          "JSONL has a 'reference' field")
     ap.add_argument("--helpful", help="instruction prompts: median reward (needs --judge reward:DIR)")
     ap.add_argument("--mcq", help="JSONL {question, choices, answer}: log-likelihood accuracy")
-    ap.add_argument("--judge", action="append", help="refusal (default), llamaguard[1|2|3]:DIR, reward:DIR")
+    ap.add_argument("--judge", action="append",
+                    help="refusal (default: the patterns), learned:DIR, llamaguard[1|2|3]:DIR, reward:DIR")
     ap.add_argument("--out")
     ap.add_argument("--rejudge", metavar="DIR", help="re-apply the refusal patterns to DIR/generations.jsonl")
     ap.add_argument("--judge-check", metavar="FILE",

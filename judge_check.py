@@ -23,15 +23,20 @@ per model and per prompt type, and the refusal rate on the unsafe prompt types
 as the humans and the judge count it. DIR/disagreements.jsonl holds every
 answer where the two differ, for reading.
 """
+import argparse
 import csv
 import json
 import math
+import sys
 from collections import defaultdict
 from pathlib import Path
+
+import torch
 
 import common
 import data
 import eval as ev
+import reward as reward_lib
 
 HUMAN_LABELS = {"1_full_compliance": False, "2_full_refusal": True, "3_partial_refusal": True,
                 "compliance": False, "refusal": True}
@@ -161,7 +166,9 @@ def refusal_detector(spec: str, threshold: float = 0.0):
     kind, _, path = spec.partition(":")
     if kind == "refusal" and not path:
         return lambda prompts, answers: [ev.is_refusal(a) for a in answers]
-    guard, reward, _ = ev.parse_judges([spec])
+    guard, reward, learned, _ = ev.parse_judges([spec])
+    if learned is not None:
+        return learned.refused
     if guard is not None:
         return lambda prompts, answers: [v["verdict"] == "safe" for v in guard.judge(prompts, answers)]
     return lambda prompts, answers: [s >= threshold for s in reward.score(prompts, answers)]
@@ -188,3 +195,80 @@ def judge_check(path, judge: str = "refusal", out=None, threshold: float = 0.0) 
                  for r, v in zip(rows, verdicts) if r["refused"] != v]
         common.write_atomic(out / "disagreements.jsonl", "".join(line + "\n" for line in lines))
     return {**res, "text": text}
+
+
+# ----------------------------------------------------------------------------
+# Fitting a learned judge (eval.LearnedJudge):
+#
+#     python judge_check.py fit --labels ../shared/data/xstest_human_labels_3models.csv --out runs/judge
+#
+# The features of every labelled (prompt, completion) are computed once on the
+# frozen backbone (eval.answer_features), standardised, and a logistic probe is
+# fitted on them by full-batch L-BFGS (reward.fit_logistic), refusal = 1.
+
+
+def fit_probe(x: torch.Tensor, refused: list[bool], l2: float) -> dict:
+    """x [N, H] float64 -> {"w", "b", "mean", "std"}: logit = ((x - mean) / std) . w + b."""
+    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
+    sign = torch.tensor(refused, dtype=torch.float64) * 2 - 1
+    w, b = reward_lib.fit_logistic((x - mean) / std, l2, sign)
+    return {"w": w, "b": b.reshape(1), "mean": mean, "std": std}
+
+
+def probe_logits(probe: dict, x: torch.Tensor) -> torch.Tensor:
+    return ((x - probe["mean"]) / probe["std"]) @ probe["w"] + probe["b"]
+
+
+def fit_learned(labels, out, backbone="smollm2", layers=None, l2=0.01, models=None, batch_size=8,
+                max_answer=ev.LEARNED_MAX_ANSWER) -> dict:
+    """Fit and save a learned judge on a labelled file (only its rows of `models`, if given)."""
+    from safetensors.torch import save_file
+
+    rows = read_labelled(labels)
+    if models:
+        unknown = set(models) - {r["model"] for r in rows}
+        if unknown:
+            raise ValueError(f"{labels}: no rows of model(s) {sorted(unknown)}")
+        rows = [r for r in rows if r["model"] in models]
+    net = ev.load_backbone(backbone, layers)
+    x = ev.answer_features(net, data.load_tokenizer(backbone), [r["prompt"] for r in rows],
+                           [r["completion"] for r in rows], batch_size, max_answer)
+    probe = fit_probe(x, [r["refused"] for r in rows], l2)
+    fitted = (probe_logits(probe, x) > 0).tolist()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.float().contiguous() for k, v in probe.items()}, str(out / "probe.safetensors"))
+    config = {"backbone": str(backbone), "layers": layers, "l2": l2, "max_answer_tokens": max_answer,
+              "features": f"mean of the answer's hidden states (first {max_answer} tokens) after "
+                          f"{layers or 'all'} blocks",
+              "fitted_on": {"file": str(labels), "models": sorted({r["model"] for r in rows}), "rows": len(rows),
+                            "refusals": sum(r["refused"] for r in rows)},
+              "training_agreement": round(sum(f == r["refused"] for f, r in zip(fitted, rows)) / len(rows), 4),
+              "command": "python judge_check.py " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["fit"] else None}
+    common.write_atomic(out / "judge.json", json.dumps(config, indent=2) + "\n")
+    return config
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="judge_check.py", description="Fit a learned refusal judge on labelled "
+                                 "completions (check any judge with `python eval.py --judge-check FILE`).")
+    sub = ap.add_subparsers(dest="command", required=True)
+    fit = sub.add_parser("fit", help="fit a probe; use it as --judge learned:OUT")
+    fit.add_argument("--labels", required=True, help="labelled completions (XSTest CSV or JSONL), see above")
+    fit.add_argument("--out", required=True)
+    fit.add_argument("--backbone", default="smollm2", help="frozen feature model (default: SmolLM2-135M)")
+    fit.add_argument("--layers", type=int, default=None, help="read the features after this many blocks (default: all)")
+    fit.add_argument("--l2", type=float, default=0.01, help="L2 penalty on the probe (standardised features)")
+    fit.add_argument("--max-answer-tokens", type=int, default=ev.LEARNED_MAX_ANSWER,
+                     help="the features average the answer's first N tokens")
+    fit.add_argument("--models", help="comma-separated: fit on these models' rows only")
+    args = ap.parse_args(argv)
+    if args.l2 < 0 or args.max_answer_tokens < 1 or (args.layers is not None and args.layers < 1):
+        ap.error("--l2 must be >= 0, --max-answer-tokens and --layers >= 1")
+    config = fit_learned(args.labels, args.out, args.backbone, args.layers, args.l2,
+                         args.models.split(",") if args.models else None, max_answer=args.max_answer_tokens)
+    print(json.dumps(config, indent=2))
+
+
+if __name__ == "__main__":
+    common.cli(main)

@@ -339,6 +339,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     t_start = time.time()
     out = Path(args.out)
+    model_lib.read_config(model_lib.resolve_ckpt(args.ckpt))  # a model it cannot run is said before any work
     tok = data.load_tokenizer(args.ckpt, args.template, args.system)
     print(data.describe_template(tok))
     load_stats = {}
