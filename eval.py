@@ -617,11 +617,13 @@ def summarise(kind, recs) -> dict:
 
 def evaluate(ckpts, benches=(), judge="refusal", out=None, max_new_tokens=120, batch_size=16, seed=0,
              benign=(), mcq=None, helpful=None, limit=None, device=None, ordinary=(), template=None,
-             system=None) -> dict:
+             system=None, resume=False) -> dict:
     """Run every checkpoint on every benchmark; returns the results dict (and,
     with `out`, writes the four report files there). ckpts: list of PATH or
     NAME=PATH, or a dict name -> path; judge: a spec or list of specs;
-    template, system: the prompt format (data.set_template), for every checkpoint."""
+    template, system: the prompt format (data.set_template), for every checkpoint;
+    resume: keep what OUT/results.partial.json holds of a run with the same
+    settings (one killed mid-way) and run only the benchmarks it lacks."""
     named = ckpts if isinstance(ckpts, dict) else parse_ckpts(ckpts)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens {max_new_tokens}: must be >= 1 (an empty answer is no answer)")
@@ -640,14 +642,22 @@ def evaluate(ckpts, benches=(), judge="refusal", out=None, max_new_tokens=120, b
     results = {"settings": {"ckpts": named, "judges": specs, "max_new_tokens": max_new_tokens,
                             "batch_size": batch_size, "seed": seed, "limit": limit,
                             "mcq": str(mcq) if mcq else None}, "results": {}}
-    gens = []
+    done, gens = resumed(out, results["settings"]) if resume and out else ({}, [])
     for cname, path in named.items():
         t0 = time.time()
+        wanted = [b for b, _, _ in parts] + ([Path(mcq).stem] if mcq_items else [])
+        if all(b in done.get(cname, {}) for b in wanted):
+            results["results"][cname] = done[cname]
+            print(f"[eval] {cname}: every benchmark done in the run resumed", flush=True)
+            continue
         model, tok = model_lib.load_model(path, device=device), data.load_tokenizer(path, template, system)
         print(f"[eval] {cname}: {data.describe_template(tok)}", flush=True)
         results["settings"].setdefault("prompt_templates", {})[cname] = data.template_info(tok)
         results["results"][cname] = {}
         for bname, kind, prompts in parts:
+            if bname in done.get(cname, {}):
+                results["results"][cname][bname] = done[cname][bname]
+                continue
             print(f"[eval] {cname} on {bname} ({kind}, {len(prompts)} prompts)", flush=True)
             outs = model_lib.generate(model, tok, prompts, max_new_tokens=max_new_tokens, seed=seed,
                                       batch_size=batch_size, progress=True)
@@ -683,6 +693,26 @@ def evaluate(ckpts, benches=(), judge="refusal", out=None, max_new_tokens=120, b
     if out:
         write_report(results, out, gens)
     return results
+
+
+def resumed(out, settings) -> tuple[dict, list]:
+    """What a run killed mid-way left in OUT: (results per checkpoint and benchmark,
+    their generations), when it had these settings; nothing when there is no such run."""
+    partial, gens_file = Path(out) / "results.partial.json", Path(out) / "generations.jsonl"
+    if not partial.is_file():
+        return {}, []
+    prev = data._read_json(partial)
+    same = lambda s: {k: v for k, v in s.items() if k != "prompt_templates"}  # noqa: E731
+    if same(prev.get("settings", {})) != same(settings):
+        changed = sorted(k for k in set(same(settings)) | set(same(prev.get("settings", {})))
+                         if prev.get("settings", {}).get(k) != settings.get(k))
+        raise ValueError(f"--resume: {partial} was written with other settings ({', '.join(changed)}); "
+                         "rerun without --resume, or into another --out")
+    done = prev.get("results", {})
+    gens = [g for g in (json.loads(line) for line in gens_file.read_text().splitlines() if line.strip())
+            if g["benchmark"] in done.get(g["checkpoint"], {})] if gens_file.is_file() else []
+    print(f"[eval] resuming: {sum(len(v) for v in done.values())} finished benchmark runs kept", flush=True)
+    return done, gens
 
 
 def rejudge(out) -> dict:
@@ -817,6 +847,8 @@ def main(argv=None):
     ap.add_argument("--limit", type=int, help="first N prompts of each benchmark (smoke runs)")
     ap.add_argument("--template", default=None, help=data.TEMPLATE_HELP)
     ap.add_argument("--system", default=None, help=data.SYSTEM_HELP)
+    ap.add_argument("--resume", action="store_true",
+                    help="continue a run killed mid-way in --out: keep its finished benchmarks, run the rest")
     args = ap.parse_args(argv)
     if args.judge_check:
         import judge_check
@@ -848,7 +880,7 @@ def main(argv=None):
     t0 = time.time()
     results = evaluate(args.ckpt, args.bench, args.judge or ["refusal"], args.out, args.max_new_tokens,
                        args.batch_size, args.seed, args.benign, args.mcq, args.helpful, args.limit,
-                       ordinary=args.ordinary, template=args.template, system=args.system)
+                       ordinary=args.ordinary, template=args.template, system=args.system, resume=args.resume)
     print((Path(args.out) / "report.md").read_text())
     print(f"[eval] wrote {args.out}/ in {time.time() - t0:.0f}s")
     return 0 if results else 1

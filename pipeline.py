@@ -96,7 +96,7 @@ def run_eval(ckpts: dict, out: Path, args) -> dict:
     return evaluation.evaluate(ckpts, benches, judge="refusal", out=out, benign=[str(DEMO / "eval_benign.jsonl")],
                                ordinary=[str(DEMO / "ordinary_eval.jsonl"), str(DEMO / "ordinary_valid.jsonl")],
                                max_new_tokens=8 if args.quick else 120, batch_size=32,
-                               limit=3 if args.quick else None)
+                               limit=3 if args.quick else None, resume=True)  # an eval killed mid-way goes on
 
 
 def distill(base: str, out: Path, quick: bool):

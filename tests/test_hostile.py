@@ -192,9 +192,19 @@ def test_eval_killed_in_its_second_benchmark_leaves_no_results_json(ckpt, tmp_pa
     assert not (tmp_path / "o" / "results.json").exists()  # pipeline.py would take it for a finished stage
     partial = json.loads((tmp_path / "o" / "results.partial.json").read_text())
     assert list(partial["results"]["m"]) == ["a"]
-    monkeypatch.setattr(model_lib, "generate", real)
-    ev.evaluate([f"m={ckpt}"], [a], benign=[b], out=tmp_path / "o", max_new_tokens=4)
+    first = json.loads((tmp_path / "o" / "generations.jsonl").read_text().splitlines()[0])
+    with pytest.raises(ValueError, match=r"--resume: .*results.partial.json was written with other settings "
+                                         r"\(max_new_tokens\)"):
+        ev.evaluate([f"m={ckpt}"], [a], benign=[b], out=tmp_path / "o", max_new_tokens=5, resume=True)
+    calls["n"] = 0
+    counted = []
+    monkeypatch.setattr(model_lib, "generate", lambda *a_, **kw: counted.append(1) or real(*a_, **kw))
+    res = ev.evaluate([f"m={ckpt}"], [a], benign=[b], out=tmp_path / "o", max_new_tokens=4, resume=True)
+    assert len(counted) == 1  # only the benchmark the killed run lacked was generated
+    assert set(res["results"]["m"]) == {"a", "b"} and res["results"]["m"]["a"] == partial["results"]["m"]["a"]
     assert (tmp_path / "o" / "results.json").is_file() and not (tmp_path / "o" / "results.partial.json").exists()
+    gens = [json.loads(line) for line in (tmp_path / "o" / "generations.jsonl").read_text().splitlines()]
+    assert [g["benchmark"] for g in gens] == ["a", "b"] and gens[0] == first
 
 
 def test_a_prompt_longer_than_the_positions_is_refused(ckpt):
