@@ -85,7 +85,7 @@ def _token_str(v):
     return v.get("content") if isinstance(v, dict) else v
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
     if not path.is_file():
         return {}
     try:
@@ -104,10 +104,10 @@ def load_tokenizer(ckpt=None, template=None, system=None) -> Tokenizer:
     path = model_lib.resolve_ckpt(ckpt) if (ckpt is None or not str(ckpt).endswith(".model")) else None
     if path is None:  # a bare sentencepiece file (used by tests)
         return _sentencepiece(Path(ckpt), None, {}, {}, {}, template, system)
-    tok_cfg = _read_json(path / "tokenizer_config.json")
-    tok_cfg = {**_read_json(path / "special_tokens_map.json"), **tok_cfg}
-    gen_cfg = _read_json(path / "generation_config.json")
-    cfg = _read_json(path / "config.json")
+    tok_cfg = read_json(path / "tokenizer_config.json")
+    tok_cfg = {**read_json(path / "special_tokens_map.json"), **tok_cfg}
+    gen_cfg = read_json(path / "generation_config.json")
+    cfg = read_json(path / "config.json")
     if (path / "tokenizer.json").is_file():
         tok = _bpe(path / "tokenizer.json", tok_cfg, gen_cfg, cfg, template, system)
     elif (path / "tokenizer.model").is_file():
@@ -232,7 +232,7 @@ def read_chat_template(folder, tok_cfg) -> tuple[str, str] | None:
     if (folder / "chat_template.jinja").is_file():
         return (folder / "chat_template.jinja").read_text(encoding="utf-8"), str(folder / "chat_template.jinja")
     for file, cfg in ((folder / "chat_template.json", None), (folder / "tokenizer_config.json", tok_cfg)):
-        chat = (_read_json(file) if cfg is None else cfg).get("chat_template")
+        chat = (read_json(file) if cfg is None else cfg).get("chat_template")
         if isinstance(chat, list):
             named = {t.get("name"): t.get("template") for t in chat if isinstance(t, dict)}
             chat = named.get("default") or next(iter(named.values()), None)

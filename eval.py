@@ -491,7 +491,7 @@ class LearnedJudge:
             if not (folder / name).is_file():
                 raise FileNotFoundError(f"--judge learned:{folder}: {folder / name} is missing (fit one with "
                                         "`python judge_check.py fit`)")
-        self.config = data._read_json(folder / "judge.json")
+        self.config = data.read_json(folder / "judge.json")
         probe = load_file(str(folder / "probe.safetensors"))
         missing = {"w", "b", "mean", "std"} - set(probe)
         if missing or "backbone" not in self.config:
@@ -701,7 +701,7 @@ def resumed(out, settings) -> tuple[dict, list]:
     partial, gens_file = Path(out) / "results.partial.json", Path(out) / "generations.jsonl"
     if not partial.is_file():
         return {}, []
-    prev = data._read_json(partial)
+    prev = data.read_json(partial)
     same = lambda s: {k: v for k, v in s.items() if k != "prompt_templates"}  # noqa: E731
     if same(prev.get("settings", {})) != same(settings):
         changed = sorted(k for k in set(same(settings)) | set(same(prev.get("settings", {})))

@@ -55,7 +55,7 @@ PAPER_BENCHMARKS = ["I-MaliciousInstructions.json", "I-CoNa.json", "I-Controvers
 
 # Minutes each stage took in the README's reference run on 2 CPU cores: the
 # time-left estimate scales these by how fast this machine has been so far.
-EXPECTED_MINUTES = {"baseline": 1.9, "distill": 2.2, "sit": 6.9, "dpo": 11.9, "raft": 1.5, "eval": 6.3}
+EXPECTED_MINUTES = {"baseline": 0.9, "distill": 0.9, "sit": 3.8, "dpo": 6.0, "raft": 0.9, "eval": 3.0}
 
 # Stage settings: (full run, --quick smoke run).
 SETTINGS = {
