@@ -183,6 +183,7 @@ class Run:
         self.out = Path(args.out)
         self.state_dir = self.out / "state"
         self.saved_step = None  # the step of the state in state/trainer.pt, once one is saved
+        self.due_state = None  # (step, RNG states) of a state to write once the next step checks out
         if self.main:
             self.state_dir.mkdir(parents=True, exist_ok=True)
 
@@ -425,7 +426,7 @@ def maybe_save_state(run, model, opt, sched, done: int, total: int, args):
 def write_due_state(run, model, opt, sched):
     """After check_finite passed, before the optimiser step: the weights, optimiser
     and schedule are still those of the due step, and they gave a finite loss."""
-    if getattr(run, "due_state", None):
+    if run.due_state:
         step, rngs = run.due_state
         save_state(run, model, opt, sched, step, rngs)
         run.due_state = None

@@ -218,7 +218,8 @@ ALPACA_HEAD = "Below is an instruction that describes a task. Write a response t
 ALPACA_HEAD_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
                      "context. Write a response that appropriately completes the request.")
 BUILT_IN = ("alpaca", "raw")
-TEMPLATE_HELP = "prompt format: chat (the checkpoint's own chat template; the default when it has one), alpaca, raw, or a .jinja file"
+TEMPLATE_HELP = ("prompt format: chat (the checkpoint's own chat template; the default when it has one), alpaca, "
+                 "raw, or a .jinja file")
 SYSTEM_HELP = "system message for every prompt (default: the chat template's own, if any)"
 
 

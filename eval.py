@@ -495,7 +495,8 @@ class LearnedJudge:
         probe = load_file(str(folder / "probe.safetensors"))
         missing = {"w", "b", "mean", "std"} - set(probe)
         if missing or "backbone" not in self.config:
-            raise ValueError(f"{folder}: not a learned judge this project wrote (missing {sorted(missing) or 'backbone'})")
+            raise ValueError(f"{folder}: not a learned judge this project wrote "
+                             f"(missing {sorted(missing) or 'backbone'})")
         self.probe = {k: v.double() for k, v in probe.items()}
         self.backbone = load_backbone(self.config["backbone"], self.config.get("layers"), device)
         self.tok = data.load_tokenizer(self.config["backbone"])

@@ -361,7 +361,8 @@ def main(argv=None):
         freeze_lower(rm, args.train_layers)
     rm.train()
     n_train = sum(p.numel() for p in rm.parameters() if p.requires_grad)
-    config = {**vars(args), "prompt_template": data.template_info(tok), "data_stats": load_stats, "tokenize_stats": tok_stats, "steps": len(steps),
+    config = {**vars(args), "prompt_template": data.template_info(tok),
+              "data_stats": load_stats, "tokenize_stats": tok_stats, "steps": len(steps),
               "trainable_params": n_train, "total_params": sum(p.numel() for p in rm.parameters()),
               "held_out_pairs": len(held_out)}
     print(json.dumps(config, indent=2), flush=True)

@@ -61,7 +61,8 @@ def main(argv=None):
     net = common.wrap_ddp(model, run)
     opt, sched = common.make_optimizer(model, args, len(steps))
     run.print(data.describe_template(tok))
-    common.save_config(run, args, {"prompt_template": data.template_info(tok), "data_stats": load_stats, "tokenize_stats": tok_stats, "steps": len(steps),
+    common.save_config(run, args, {"prompt_template": data.template_info(tok), "data_stats": load_stats,
+                                   "tokenize_stats": tok_stats, "steps": len(steps),
                                    "padding": common.padding_report(lengths, args.batch_size, args.seed)})
     start = common.load_state(run, model, opt, sched) if args.resume else 0
     log = common.StepLog(run, start)
