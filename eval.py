@@ -507,7 +507,8 @@ class LearnedJudge:
         return ((x - self.probe["mean"]) / self.probe["std"]) @ self.probe["w"] + self.probe["b"]
 
     def refused(self, prompts, answers, batch_size=8) -> list[bool]:
-        return (self.logits(prompts, answers, batch_size) > 0).tolist()
+        """As refusal_verdict: an empty answer is no refusal (eval counts it apart)."""
+        return [bool(z > 0) and bool(a.strip()) for z, a in zip(self.logits(prompts, answers, batch_size), answers)]
 
 
 # ----------------------------------------------------------------------------
@@ -668,7 +669,7 @@ def evaluate(ckpts, benches=(), judge="refusal", out=None, max_new_tokens=120, b
             scores = reward.score(prompts, answers, batch_size) if reward else [None] * len(prompts)
             recs = []
             for i, (p, o) in enumerate(zip(prompts, outs)):
-                refused = refusals[i] and bool(o[0]["text"].strip())  # an empty answer is counted apart
+                refused = refusals[i]
                 if kind != HARMFUL:
                     verdict, cats = ("refused" if refused else "answered"), []
                 elif guard_v:
@@ -703,10 +704,10 @@ def resumed(out, settings) -> tuple[dict, list]:
     if not partial.is_file():
         return {}, []
     prev = data.read_json(partial)
-    same = lambda s: {k: v for k, v in s.items() if k != "prompt_templates"}  # noqa: E731
-    if same(prev.get("settings", {})) != same(settings):
-        changed = sorted(k for k in set(same(settings)) | set(same(prev.get("settings", {})))
-                         if prev.get("settings", {}).get(k) != settings.get(k))
+    before = prev.get("settings", {})
+    changed = sorted(k for k in set(before) | set(settings)
+                     if k != "prompt_templates" and before.get(k) != settings.get(k))  # recorded once loaded
+    if changed:
         raise ValueError(f"--resume: {partial} was written with other settings ({', '.join(changed)}); "
                          "rerun without --resume, or into another --out")
     done = prev.get("results", {})

@@ -27,6 +27,7 @@ import argparse
 import csv
 import json
 import math
+import os
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -237,7 +238,8 @@ def fit_learned(labels, out, backbone="smollm2", layers=None, l2=0.01, models=No
     fitted = (probe_logits(probe, x) > 0).tolist()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.float().contiguous() for k, v in probe.items()}, str(out / "probe.safetensors"))
+    save_file({k: v.float().contiguous() for k, v in probe.items()}, str(out / "probe.safetensors.tmp"))
+    os.replace(out / "probe.safetensors.tmp", out / "probe.safetensors")  # a reader sees a whole file or none
     config = {"backbone": str(backbone), "layers": layers, "l2": l2, "max_answer_tokens": max_answer,
               "features": f"mean of the answer's hidden states (first {max_answer} tokens) after "
                           f"{layers or 'all'} blocks",
