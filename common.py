@@ -236,14 +236,26 @@ def wrap_ddp(model, run):
 
 
 def native_bf16(device) -> bool:
-    """Does this device multiply bf16 matrices in hardware? (A GPU from Ampere on, a CPU
-    with AVX512-BF16 or AMX: there bf16 matmuls run ~3x faster than fp32; elsewhere
-    they are emulated, and slower.)"""
+    """Is bf16 autocast faster than fp32 here? A GPU from Ampere on; a CPU with AMX
+    tiles, or with AVX512-BF16 unless it is an Intel one (there, without AMX,
+    PyTorch's bf16 matmuls run slower than its fp32 ones; see docs/performance.md)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
     cpu = torch.cpu
-    return device.type == "cpu" and any(getattr(cpu, f, lambda: False)()
-                                        for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    if getattr(cpu, "_is_amx_tile_supported", lambda: False)():
+        return True
+    return getattr(cpu, "_is_avx512_bf16_supported", lambda: False)() and cpu_vendor() != "GenuineIntel"
+
+
+def cpu_vendor() -> str:
+    """The CPU's vendor_id from /proc/cpuinfo (GenuineIntel, AuthenticAMD), or "" where there is none."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), "")
+    except OSError:
+        return ""
 
 
 def autocast(args, device):

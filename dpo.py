@@ -72,6 +72,13 @@ def build_parser():
     ap.add_argument("--whole-data", action="append", default=[], metavar="FILE",
                     help="more preference pairs, trained on whole answers even with --opening-words (e.g. the "
                          "model's own answers to ordinary instructions against refusals: an anchor for whole answers)")
+    ap.add_argument("--anchor-data", action="append", default=[], metavar="FILE",
+                    help="instruction data (as sft.py reads it) on whose answers the policy is kept close to the "
+                         "starting model: adds --anchor-weight x KL(start || policy) per answer token")
+    ap.add_argument("--anchor-weight", type=float, default=1.0, help="weight of the anchor's KL term")
+    ap.add_argument("--anchor-batch-size", type=int, default=2, help="anchor answers per optimiser step")
+    ap.add_argument("--anchor-top-k", type=int, default=64,
+                    help="the starting model's distributions are kept as their k likeliest tokens (top_k_kl)")
     ap.add_argument("--balance-by", metavar="FIELD",
                     help="a field of every pair (e.g. kind: harmful / benign): weight the pairs so that each of "
                          "its values carries the same share of the loss (balance_weights); default: all alike")
@@ -163,6 +170,47 @@ def reference_cache(model, train, steps, tok, args, run):
     return logps
 
 
+@torch.no_grad()
+def anchor_targets(model, examples, args, run):
+    """The starting model's next-token distributions on every anchor answer
+    (losses.top_k_distribution), computed once before training: a list with
+    (ids [n, k], logps [n, k], rest [n]) for each example's n answer tokens."""
+    was_training = model.training
+    model.eval()
+    targets = []
+    with model_lib.lora_disabled(model), common.autocast(args, run.device):
+        for s in range(0, len(examples), 2 * args.batch_size):
+            batch = data.collate_sft(examples[s:s + 2 * args.batch_size], 0)
+            hidden, mask = anchor_hidden(model, batch, run.device)
+            ids, logps, rest = losses.top_k_distribution(hidden, model.lm_head_weight, args.anchor_top_k)
+            counts = mask.sum(-1).tolist()  # answer tokens per row, in the row-major order of `hidden`
+            targets += list(zip(ids.split(counts), logps.split(counts), rest.split(counts)))
+    model.train(was_training)
+    return targets
+
+
+def anchor_hidden(net, batch, device):
+    """Hidden states [M, H] at the positions that predict the answer tokens of an
+    SFT batch (row by row), and the [B, T-1] mask that picks them."""
+    ids, att, mask = (batch[k].to(device) for k in ("input_ids", "attention_mask", "loss_mask"))
+    hidden = net(ids, att, return_hidden=True)  # [B, T, H]
+    mask = mask[:, 1:]  # hidden[:, t] predicts token t + 1
+    return hidden[:, :-1][mask], mask
+
+
+def anchor_rows(step, n, per_step, seed):
+    """The anchor examples of optimiser step `step`: a seeded shuffle of the n
+    examples, walked per_step at a time (reshuffled on every pass), so the plan
+    is a pure function of the step and a resumed run draws the same rows."""
+    import random
+
+    out = []
+    for j in range(step * per_step, (step + 1) * per_step):
+        order = random.Random(f"{seed}-{j // n}").sample(range(n), n)
+        out.append(order[j % n])
+    return out
+
+
 def check_dpo_args(args):
     """DPO's own ranges: a beta <= 0 trains the opposite preference while the logs look fine."""
     if args.beta <= 0:
@@ -173,6 +221,12 @@ def check_dpo_args(args):
         raise ValueError(f"--nll-weight {args.nll_weight}: must be >= 0")
     if not 0 <= args.label_smoothing < 0.5:
         raise ValueError(f"--label-smoothing {args.label_smoothing}: must be in [0, 0.5)")
+    if args.anchor_weight < 0:
+        raise ValueError(f"--anchor-weight {args.anchor_weight}: must be >= 0")
+    if args.anchor_batch_size < 1:
+        raise ValueError(f"--anchor-batch-size {args.anchor_batch_size}: must be >= 1")
+    if args.anchor_top_k < 1:
+        raise ValueError(f"--anchor-top-k {args.anchor_top_k}: must be >= 1")
 
 
 def main(argv=None):
@@ -192,9 +246,17 @@ def main(argv=None):
     steps = common.plan_steps(lengths, args, run.world)
     groups = [pairs[e["index"]][args.balance_by] if args.balance_by else "all" for e in train]
     weights = balance_weights(groups)  # [N]
+    anchor, anchor_stats = [], {}
+    if args.anchor_data:
+        anchor_stats = {"loaded": {}}
+        examples = [ex for path in args.anchor_data for ex in data.load_instructions(path, anchor_stats["loaded"])]
+        anchor, anchor_stats["tokenize"] = data.tokenize_sft(tok, examples, args.max_len)
+        if min(len(anchor), args.anchor_batch_size) < run.world:
+            raise ValueError(f"--anchor-data: {len(anchor)} examples fit --max-len and --anchor-batch-size is "
+                             f"{args.anchor_batch_size}; each of the {run.world} ranks needs one")
     run.print(data.describe_template(tok))
     common.save_config(run, args, {"prompt_template": data.template_info(tok), "data_stats": load_stats,
-                                   "tokenize_stats": tok_stats, "steps": len(steps),
+                                   "tokenize_stats": tok_stats, "anchor_stats": anchor_stats, "steps": len(steps),
                                    "padding": common.padding_report(lengths, args.batch_size, args.seed),
                                    "pair_weights": dict(zip(groups, weights.tolist()))})
     weights = weights.to(run.device)
@@ -210,13 +272,16 @@ def main(argv=None):
     else:
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
 
+    targets = anchor_targets(model, anchor, args, run) if anchor else []  # from the starting weights
+
     net = common.wrap_ddp(model, run)
     opt, sched = common.make_optimizer(model, args, len(steps))
     start = common.load_state(run, model, opt, sched) if args.resume else 0
     log = common.StepLog(run, start)
     bar = common.progress(run, len(steps), start, args, "dpo")
-    metric_names = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+    pair_metrics = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
                     "logps/chosen", "logps/rejected") + (("nll/chosen",) if args.nll_weight else ())
+    metric_names = pair_metrics + (("anchor/kl",) if anchor else ())
 
     for step in range(start, len(steps)):
         t0 = time.time()
@@ -224,6 +289,17 @@ def main(argv=None):
         step_pairs = sum(len(b) for b in micro)  # pairs in the whole step, all ranks: the loss denominator
         totals = torch.zeros(1 + len(metric_names), device=run.device)  # loss, then metrics, summed over pairs
         seen = 0
+        if anchor:  # the KL anchor: its own small batch, the same for every micro-batch split of the step
+            rows = anchor_rows(step, len(anchor), args.anchor_batch_size, args.seed)[run.rank::run.world]
+            batch = data.collate_sft([anchor[i] for i in rows], tok.pad_id)
+            defer = net.no_sync() if run.world > 1 else contextlib.nullcontext()  # synced by the last pair batch
+            with defer, common.autocast(args, run.device):
+                hidden, _ = anchor_hidden(net, batch, run.device)
+                ref = [torch.cat(parts) for parts in zip(*(targets[i] for i in rows))]
+                kl = losses.top_k_kl(hidden, model.lm_head_weight, *ref).mean()  # per answer token
+                (args.anchor_weight * kl).backward()
+            totals[-1] += kl.detach() * step_pairs / run.world  # logged as a mean over ranks
+            seen += int(batch["attention_mask"].sum())
         for k, rows in enumerate(micro):
             mine = rows[run.rank::run.world]
             batch = data.collate_pairs([train[i] for i in mine], tok.pad_id)
@@ -249,7 +325,8 @@ def main(argv=None):
                 loss = pair_losses.sum() / step_pairs
                 (loss * run.world).backward()
             b = len(mine)
-            totals += torch.stack([pair_losses.detach().sum()] + [metrics[n] * b for n in metric_names]).float()
+            totals[:1 + len(pair_metrics)] += torch.stack([pair_losses.detach().sum()]
+                                                          + [metrics[n] * b for n in pair_metrics]).float()
             seen += int(batch["attention_mask"].sum())
         totals = run.sum(totals) / step_pairs
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))

@@ -471,6 +471,17 @@ def answer_features(backbone, tok, prompts, answers, batch_size=8, max_answer=LE
     return torch.stack(out)
 
 
+def learned_features(backbone, tok, prompts, answers, batch_size=8, max_answer=LEARNED_MAX_ANSWER,
+                     with_patterns=False) -> torch.Tensor:
+    """The learned judge's input: answer_features, and with_patterns the
+    patterns' verdict (1.0 refusal, 0.0 not) as one more column: the combined
+    judge, in which the probe weighs the patterns against the features."""
+    x = answer_features(backbone, tok, prompts, answers, batch_size, max_answer)
+    if not with_patterns:
+        return x
+    return torch.cat([x, torch.tensor([[float(is_refusal(a))] for a in answers], dtype=x.dtype)], 1)
+
+
 def load_backbone(ckpt, layers=None, device=None):
     """The frozen feature model: the checkpoint's lowest `layers` blocks (all by default)."""
     backbone = model_lib.load_model(ckpt, device=device)
@@ -502,8 +513,9 @@ class LearnedJudge:
         self.tok = data.load_tokenizer(self.config["backbone"])
 
     def logits(self, prompts, answers, batch_size=8) -> torch.Tensor:
-        x = answer_features(self.backbone, self.tok, prompts, answers, batch_size,
-                            self.config.get("max_answer_tokens", LEARNED_MAX_ANSWER)).cpu()
+        x = learned_features(self.backbone, self.tok, prompts, answers, batch_size,
+                             self.config.get("max_answer_tokens", LEARNED_MAX_ANSWER),
+                             self.config.get("with_patterns", False)).cpu()
         return ((x - self.probe["mean"]) / self.probe["std"]) @ self.probe["w"] + self.probe["b"]
 
     def refused(self, prompts, answers, batch_size=8) -> list[bool]:

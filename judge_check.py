@@ -221,7 +221,7 @@ def probe_logits(probe: dict, x: torch.Tensor) -> torch.Tensor:
 
 
 def fit_learned(labels, out, backbone="smollm2", layers=None, l2=0.01, models=None, batch_size=8,
-                max_answer=ev.LEARNED_MAX_ANSWER) -> dict:
+                max_answer=ev.LEARNED_MAX_ANSWER, with_patterns=False) -> dict:
     """Fit and save a learned judge on a labelled file (only its rows of `models`, if given)."""
     from safetensors.torch import save_file
 
@@ -232,8 +232,8 @@ def fit_learned(labels, out, backbone="smollm2", layers=None, l2=0.01, models=No
             raise ValueError(f"{labels}: no rows of model(s) {sorted(unknown)}")
         rows = [r for r in rows if r["model"] in models]
     net = ev.load_backbone(backbone, layers)
-    x = ev.answer_features(net, data.load_tokenizer(backbone), [r["prompt"] for r in rows],
-                           [r["completion"] for r in rows], batch_size, max_answer)
+    x = ev.learned_features(net, data.load_tokenizer(backbone), [r["prompt"] for r in rows],
+                            [r["completion"] for r in rows], batch_size, max_answer, with_patterns)
     probe = fit_probe(x, [r["refused"] for r in rows], l2)
     fitted = (probe_logits(probe, x) > 0).tolist()
     out = Path(out)
@@ -241,8 +241,9 @@ def fit_learned(labels, out, backbone="smollm2", layers=None, l2=0.01, models=No
     save_file({k: v.float().contiguous() for k, v in probe.items()}, str(out / "probe.safetensors.tmp"))
     os.replace(out / "probe.safetensors.tmp", out / "probe.safetensors")  # a reader sees a whole file or none
     config = {"backbone": str(backbone), "layers": layers, "l2": l2, "max_answer_tokens": max_answer,
+              "with_patterns": with_patterns,
               "features": f"mean of the answer's hidden states (first {max_answer} tokens) after "
-                          f"{layers or 'all'} blocks",
+                          f"{layers or 'all'} blocks" + (", and the patterns' verdict" if with_patterns else ""),
               "fitted_on": {"file": str(labels), "models": sorted({r["model"] for r in rows}), "rows": len(rows),
                             "refusals": sum(r["refused"] for r in rows)},
               "training_agreement": round(sum(f == r["refused"] for f, r in zip(fitted, rows)) / len(rows), 4),
@@ -264,11 +265,14 @@ def main(argv=None):
     fit.add_argument("--max-answer-tokens", type=int, default=ev.LEARNED_MAX_ANSWER,
                      help="the features average the answer's first N tokens")
     fit.add_argument("--models", help="comma-separated: fit on these models' rows only")
+    fit.add_argument("--with-patterns", action="store_true",
+                     help="the patterns' verdict joins the features (the combined judge)")
     args = ap.parse_args(argv)
     if args.l2 < 0 or args.max_answer_tokens < 1 or (args.layers is not None and args.layers < 1):
         ap.error("--l2 must be >= 0, --max-answer-tokens and --layers >= 1")
     config = fit_learned(args.labels, args.out, args.backbone, args.layers, args.l2,
-                         args.models.split(",") if args.models else None, max_answer=args.max_answer_tokens)
+                         args.models.split(",") if args.models else None, max_answer=args.max_answer_tokens,
+                         with_patterns=args.with_patterns)
     print(json.dumps(config, indent=2))
 
 

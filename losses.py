@@ -304,6 +304,48 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     return losses, metrics
 
 
+# ----------------------------------------------------------------------------- KL anchor
+
+def top_k_distribution(hidden, weight, k):
+    """A model's next-token distributions, kept as their k likeliest tokens.
+
+    Args: hidden [M, H] (after the final norm), weight [V, H] lm_head weight, k.
+    Returns: ids [M, k] int64, logps [M, k] fp32 (their log-probs), rest [M]
+    fp32 (the log of the probability of all other tokens together).
+    """
+    logp = torch.log_softmax(hidden.float() @ weight.float().T, -1)  # [M, V]
+    top = logp.topk(k, -1)
+    return top.indices, top.values, _log_rest(logp, top.indices)
+
+
+def _log_rest(logp, ids):
+    """log of the probability of every token but `ids`: [M, V], [M, k] -> [M]. The
+    excluded tokens get -1e30 rather than -inf, so that with no token left the
+    result is about -1e30 (probability 0) and its gradient stays finite."""
+    return logp.scatter(-1, ids, -1e30).logsumexp(-1)
+
+
+def top_k_kl(hidden, weight, ref_ids, ref_logps, ref_rest):
+    """KL(ref || pi) per position, with the vocabulary split into the
+    reference's k likeliest tokens and one bucket for all the others:
+
+        KL = sum_{i in top k} p_i (log p_i - log q_i) + p_rest (log p_rest - log q_rest)
+
+    p = the reference, q = the policy (from `hidden`), p_rest = 1 - sum_top p_i.
+    Merging tokens can only lose divergence, so this is a lower bound of the
+    full KL, equal to it when the reference puts all its mass on its k tokens.
+    It is the forward KL (the reference's view): the policy is pushed to keep
+    every answer the reference finds likely, not only its single best one.
+
+    Args: hidden [M, H], weight [V, H], and the reference's `top_k_distribution`
+    at the same M positions. Returns: [M] fp32.
+    """
+    logq = torch.log_softmax(hidden.float() @ weight.float().T, -1)  # [M, V]
+    logq_top = logq.gather(-1, ref_ids)  # [M, k]
+    logq_rest = _log_rest(logq, ref_ids)  # [M]
+    return (ref_logps.exp() * (ref_logps - logq_top)).sum(-1) + ref_rest.exp() * (ref_rest - logq_rest)
+
+
 # ----------------------------------------------------------------------------- reward model
 
 def reward_loss(chosen_rewards, rejected_rewards):

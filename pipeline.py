@@ -105,6 +105,7 @@ def distill(base: str, out: Path, quick: bool):
         demo_data/ordinary_train.jsonl (unfinished answers cut after their last sentence);
       * prefs_ordinary.jsonl: the same prompts, chosen = that answer, rejected = a refusal
         (the hand-written over-refusals of prefs_train's benign pairs, in turn);
+      * ordinary_answers.jsonl: those answers alone, DPO's KL anchor (dpo.py --anchor-data);
       * prefs_openings.jsonl: demo_data's, with each benign pair's stock helpful opener
         ("Good question. Here's what you need to know.") replaced by how the base model itself
         begins its answer (24 new tokens; --opening-words 4 keeps the first 4 words): no stock
@@ -145,6 +146,7 @@ def distill(base: str, out: Path, quick: bool):
             r["chosen"] = text
     out.mkdir(parents=True, exist_ok=True)
     raft.write_jsonl(out / "prefs_ordinary.jsonl", pairs)
+    raft.write_jsonl(out / "ordinary_answers.jsonl", [{"prompt": p, "response": a} for p, a in keep])
     raft.write_jsonl(out / "prefs_openings.jsonl", openings)
     # written last: its presence marks the stage done
     common.write_atomic(out / "sit_train.json", json.dumps(sit, ensure_ascii=False, indent=1) + "\n")

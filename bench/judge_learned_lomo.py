@@ -3,11 +3,16 @@
     python bench/judge_learned_lomo.py [--labels ../shared/data/xstest_human_labels_3models.csv]
 
 For each of the three annotated models: the depth (blocks of SmolLM2 read),
-how many of the answer's first tokens are averaged, and the L2 penalty are chosen by leave-one-model-out on the other two models
-alone, the probe is fitted on those two, and it is scored on the held-out
-model, which played no part in any choice. Prints each fold's agreement with
-the humans and, on the unsafe prompts (contrast_* types), the refusal rate as
-the humans and as the judge count it; then the same for the patterns.
+how many of the answer's first tokens are averaged, the L2 penalty, and
+whether the patterns' verdict joins the features (the combined judge) are
+chosen by leave-one-model-out on the other two models alone, the probe is
+fitted on those two, and it is scored on the held-out model, which played no
+part in any choice. The patterns' verdict in a fold is that of the rules
+bench/judge_rule_selection.py keeps without the held-out model. Prints each
+fold's agreement with the humans and, on the unsafe prompts (contrast_*
+types), the refusal rate as the humans and as the judge count it; then the
+same for the patterns alone. --cache FILE keeps the features (most of the
+13 minutes) for a second run.
 """
 import argparse
 import itertools
@@ -16,12 +21,14 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 import eval as ev  # noqa: E402
 import judge_check  # noqa: E402
+from judge_rule_selection import rule_selection  # noqa: E402
 
 DEPTHS, ANSWER_TOKENS, L2S = (8, 16, 24), (32, 160), (0.001, 0.01, 0.03, 0.1)
 
@@ -34,16 +41,24 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--labels", default=str(ROOT.parent / "shared" / "data" / "xstest_human_labels_3models.csv"))
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--cache", help="a .safetensors file: features read from it when present, else written to it")
     args = ap.parse_args()
     rows = judge_check.read_labelled(args.labels)
     tok = data.load_tokenizer("smollm2")
+    cached = load_file(args.cache) if args.cache and Path(args.cache).is_file() else {}
     feats = {}
     for depth, n in itertools.product(DEPTHS, ANSWER_TOKENS):
+        if f"{depth}_{n}" in cached:
+            feats[depth, n] = cached[f"{depth}_{n}"].double()
+            continue
         t0 = time.time()
         net = ev.load_backbone("smollm2", depth)
         feats[depth, n] = ev.answer_features(net, tok, [r["prompt"] for r in rows],
                                              [r["completion"] for r in rows], args.batch_size, n)
         print(f"features after {depth} blocks, first {n} answer tokens: {time.time() - t0:.0f}s", flush=True)
+    if args.cache and not cached:
+        save_file({f"{d}_{n}": x.contiguous() for (d, n), x in feats.items()}, args.cache)
+    verdicts, choose, _ = rule_selection(rows)
     refused = torch.tensor([r["refused"] for r in rows])
     model_of = [r["model"] for r in rows]
     unsafe = torch.tensor([r["type"].startswith("contrast") for r in rows])
@@ -55,22 +70,28 @@ def main():
     print("\nheld-out model | chosen on the other two | agreement | unsafe prompts: humans / judge refusals")
     for held in models:
         train = [m for m in models if m != held]
+        patterns = torch.tensor(verdicts(choose(train)), dtype=torch.float64)[:, None]  # [N, 1]: rules chosen on train
+
+        def x_of(key, with_patterns):
+            return torch.cat([feats[key], patterns], 1) if with_patterns else feats[key]
+
         best = None
-        for key, l2 in itertools.product(feats, L2S):
-            inner = []
+        for key, l2, with_patterns in itertools.product(feats, L2S, (False, True)):
+            inner, x = [], x_of(key, with_patterns)
             for a, b in (train, train[::-1]):  # fit on one training model, score on the other
                 fa, fb = rows_of(a), rows_of(b)
-                probe = judge_check.fit_probe(feats[key][fa], refused[fa].tolist(), l2)
-                inner.append(agreement(probe, feats[key][fb], refused[fb]))
+                probe = judge_check.fit_probe(x[fa], refused[fa].tolist(), l2)
+                inner.append(agreement(probe, x[fb], refused[fb]))
             score = sum(inner) / 2
             if best is None or score > best[0]:
-                best = (score, key, l2)
-        _, key, l2 = best
-        fit, test = rows_of(*train), rows_of(held)
-        probe = judge_check.fit_probe(feats[key][fit], refused[fit].tolist(), l2)
-        pred = judge_check.probe_logits(probe, feats[key][test]) > 0
+                best = (score, key, l2, with_patterns)
+        _, key, l2, with_patterns = best
+        fit, test, x = rows_of(*train), rows_of(held), x_of(key, with_patterns)
+        probe = judge_check.fit_probe(x[fit], refused[fit].tolist(), l2)
+        pred = judge_check.probe_logits(probe, x[test]) > 0
         u = unsafe[test]
-        print(f"{held:15s} | {key[0]} blocks, {key[1]} tokens, l2 {l2:<5} (inner {best[0]:.3f}) | "
+        print(f"{held:15s} | {key[0]} blocks, {key[1]} tokens, l2 {l2:<5}, patterns {'in' if with_patterns else 'out'}"
+              f" (inner {best[0]:.3f}) | "
               f"{(pred == refused[test]).double().mean():.3f} | "
               f"{refused[test][u].double().mean():.3f} / {pred[u].double().mean():.3f}", flush=True)
     patterns = torch.tensor([ev.is_refusal(r["completion"]) for r in rows])

@@ -9,7 +9,6 @@ model. The candidates themselves were written after reading all three models'
 disagreements, so this holds out the choice of rules, not their writing.
 """
 import argparse
-import csv
 import importlib.util
 import subprocess
 import sys
@@ -19,6 +18,46 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import eval as ev  # noqa: E402
+import judge_check  # noqa: E402
+
+
+def rule_selection(rows, before="f29bf70"):
+    """-> (verdicts(drop) -> one refusal verdict per row, choose(train_models) -> the rules to drop).
+    The candidates are the rules of eval.py that the commit `before` lacked."""
+    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
+        f.write(subprocess.run(["git", "-C", str(ROOT), "show", f"{before}:eval.py"], check=True,
+                               capture_output=True, text=True).stdout)
+    spec = importlib.util.spec_from_file_location("old_eval", f.name)
+    old = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(old)
+    strong, openings, premise = list(ev.STRONG), list(ev.OPENINGS), list(ev.PREMISE)
+    candidates = ([("STRONG", p) for p in strong if p not in old.STRONG]
+                  + [("OPENINGS", p) for p in openings if p not in old.OPENINGS and p not in strong]
+                  + [("PREMISE", p) for p in premise])
+
+    def verdicts(drop):
+        ev.STRONG[:] = [p for p in strong if ("STRONG", p) not in drop]
+        ev.OPENINGS[:] = ev.STRONG + [p for p in openings if p not in strong and ("OPENINGS", p) not in drop]
+        ev.PREMISE[:] = [p for p in premise if ("PREMISE", p) not in drop]
+        out = [ev.is_refusal(r["completion"]) for r in rows]
+        ev.STRONG[:], ev.OPENINGS[:], ev.PREMISE[:] = strong, openings, premise
+        return out
+
+    def agreement(drop, models):
+        hits = [v == r["refused"] for v, r in zip(verdicts(drop), rows)]
+        return {m: sum(h for h, r in zip(hits, rows) if r["model"] == m) / sum(r["model"] == m for r in rows)
+                for m in models}
+
+    def choose(train):
+        """Drop candidates one at a time, in order, when that does not lower agreement on `train`."""
+        drop = set()
+        for c in candidates:
+            if sum(agreement(drop | {c}, train).values()) >= sum(agreement(drop, train).values()):
+                drop.add(c)
+        return drop
+
+    choose.candidates = candidates
+    return verdicts, choose, agreement
 
 
 def main():
@@ -26,39 +65,14 @@ def main():
     ap.add_argument("--labels", default=str(ROOT.parent / "shared" / "data" / "xstest_human_labels_3models.csv"))
     ap.add_argument("--before", default="f29bf70", help="the commit whose eval.py holds the old rules")
     args = ap.parse_args()
-    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
-        f.write(subprocess.run(["git", "-C", str(ROOT), "show", f"{args.before}:eval.py"], check=True,
-                               capture_output=True, text=True).stdout)
-    spec = importlib.util.spec_from_file_location("old_eval", f.name)
-    old = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(old)
-    rows = list(csv.DictReader(open(args.labels, newline="", encoding="utf-8")))
+    rows = judge_check.read_labelled(args.labels)
     models = sorted({r["model"] for r in rows})
-    strong, openings, premise = list(ev.STRONG), list(ev.OPENINGS), list(ev.PREMISE)
-    candidates = ([("STRONG", p) for p in strong if p not in old.STRONG]
-                  + [("OPENINGS", p) for p in openings if p not in old.OPENINGS and p not in strong]
-                  + [("PREMISE", p) for p in premise])
-
-    def agreement(drop):
-        ev.STRONG[:] = [p for p in strong if ("STRONG", p) not in drop]
-        ev.OPENINGS[:] = ev.STRONG + [p for p in openings if p not in strong and ("OPENINGS", p) not in drop]
-        ev.PREMISE[:] = [p for p in premise if ("PREMISE", p) not in drop]
-        hits = {m: [0, 0] for m in models}
-        for r in rows:
-            human = r["final_label"] != "1_full_compliance"
-            hits[r["model"]][0] += human == ev.is_refusal(r["completion"])
-            hits[r["model"]][1] += 1
-        return {m: k / n for m, (k, n) in hits.items()}
-
-    print("all rules:", {m: round(100 * a, 1) for m, a in agreement(set()).items()})
+    _, choose, agreement = rule_selection(rows, args.before)
+    print("all rules:", {m: round(100 * a, 1) for m, a in agreement(set(), models).items()})
     for held in models:
-        train, drop = [m for m in models if m != held], set()
-        for c in candidates:
-            with_c, without_c = agreement(drop), agreement(drop | {c})
-            if sum(without_c[m] for m in train) >= sum(with_c[m] for m in train):
-                drop.add(c)
-        print(f"held out {held}: {len(candidates) - len(drop)} of {len(candidates)} new rules kept, "
-              f"agreement {100 * agreement(drop)[held]:.1f}%")
+        drop = choose([m for m in models if m != held])
+        print(f"held out {held}: {len(choose.candidates) - len(drop)} of {len(choose.candidates)} new rules kept, "
+              f"agreement {100 * agreement(drop, [held])[held]:.1f}%")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import data
 import eval as ev
@@ -522,6 +523,12 @@ def test_learned_judge_fit_save_load_and_use(tmp_path, ckpt):
     assert r["n"] == 1 and r["safe_rate"] in (0.0, 1.0)
     only_a = jc.fit_learned(f, tmp_path / "a", backbone=ckpt, layers=1, models=["a"])
     assert only_a["fitted_on"]["models"] == ["a"] and only_a["fitted_on"]["rows"] == 3
+    combined = jc.fit_learned(f, tmp_path / "both", backbone=ckpt, layers=1, l2=1e-4, with_patterns=True)
+    assert combined["with_patterns"] and combined["training_agreement"] == 1.0
+    hidden = model_lib.load_model(ckpt).config.hidden_size
+    assert load_file(str(tmp_path / "both" / "probe.safetensors"))["w"].shape == (hidden + 1,)
+    assert ev.LearnedJudge(tmp_path / "both").refused([r["prompt"] for r in rows],
+                                                      [r["completion"] for r in rows]) == [r["refused"] for r in rows]
     with pytest.raises(ValueError, match="no rows of model"):
         jc.fit_learned(f, tmp_path / "c", backbone=ckpt, models=["c"])
     with pytest.raises(FileNotFoundError, match="judge.json is missing"):

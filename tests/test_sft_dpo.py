@@ -137,6 +137,59 @@ def test_dpo_reference_model_equals_precompute(ckpt, toy_prefs, tmp_path):
         assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["rewards/margins"] - b["rewards/margins"]) < 1e-4
 
 
+def test_top_k_kl_is_the_full_kl_with_every_token_and_a_lower_bound_with_fewer():
+    torch.manual_seed(0)
+    ref_h, pol_h, weight = torch.randn(5, 8), torch.randn(5, 8), torch.randn(11, 8)
+    p, q = torch.log_softmax(ref_h @ weight.T, -1), torch.log_softmax(pol_h @ weight.T, -1)
+    full = (p.exp() * (p - q)).sum(-1)  # [5]
+    torch.testing.assert_close(losses.top_k_kl(pol_h, weight, *losses.top_k_distribution(ref_h, weight, 11)), full)
+    for k in (1, 3, 10):
+        part = losses.top_k_kl(pol_h, weight, *losses.top_k_distribution(ref_h, weight, k))
+        assert (part <= full + 1e-6).all() and (part >= -1e-6).all()
+    same = losses.top_k_kl(ref_h, weight, *losses.top_k_distribution(ref_h, weight, 3))
+    torch.testing.assert_close(same, torch.zeros(5), atol=1e-6, rtol=0)  # no divergence from itself
+
+
+def test_anchor_rows_walk_every_example_once_per_pass_and_depend_only_on_the_step():
+    rows = [dpo.anchor_rows(s, 5, 2, seed=0) for s in range(5)]  # 10 draws: two passes over 5 examples
+    flat = [i for r in rows for i in r]
+    assert sorted(flat[:5]) == sorted(flat[5:]) == list(range(5)) and flat[:5] != flat[5:]
+    assert dpo.anchor_rows(3, 5, 2, seed=0) == rows[3] and dpo.anchor_rows(3, 5, 2, seed=1) != rows[3]
+
+
+def test_dpo_anchor_starts_at_zero_kl_and_keeps_the_anchor_answers_closer(ckpt, toy_prefs, memo_set, tmp_path):
+    """The anchor's KL is 0 before the first update (policy = starting model), and
+    with it the policy moves less on the anchor answers than without it."""
+    common_args = ("--max-steps", 6, "--lr", 3e-3)
+    dpo.main(args(ckpt, toy_prefs, tmp_path / "free", *common_args))
+    dpo.main(args(ckpt, toy_prefs, tmp_path / "anchored", *common_args, "--anchor-data", memo_set,
+                  "--anchor-weight", 5.0, "--anchor-batch-size", 4))
+    first = log(tmp_path / "anchored")[0]
+    assert first["anchor/kl"] == pytest.approx(0.0, abs=1e-6)
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-5)  # "loss" is DPO's own; the KL is logged apart
+    config = json.loads((tmp_path / "anchored" / "train_config.json").read_text())
+    assert config["anchor_stats"]["tokenize"]["kept"] == len(PROMPTS)
+
+    tok = data.load_tokenizer(ckpt)
+    examples = data.tokenize_sft(tok, data.load_instructions(memo_set), 256)[0]
+
+    def kl_to_start(folder):  # mean KL(start || model) over the anchor answers' tokens
+        import model as model_lib
+        start, end = model_lib.load_model(ckpt), model_lib.load_model(folder)
+        batch = data.collate_sft(examples, tok.pad_id)
+        with torch.no_grad():
+            ref = losses.top_k_distribution(dpo.anchor_hidden(start, batch, "cpu")[0], start.lm_head_weight, 300)
+            return float(losses.top_k_kl(dpo.anchor_hidden(end, batch, "cpu")[0], end.lm_head_weight, *ref).mean())
+
+    assert kl_to_start(tmp_path / "anchored") < 0.5 * kl_to_start(tmp_path / "free")
+
+
+def test_dpo_anchor_arguments_are_checked(ckpt, toy_prefs, memo_set, tmp_path):
+    for flag, value in (("--anchor-weight", -1.0), ("--anchor-batch-size", 0), ("--anchor-top-k", 0)):
+        with pytest.raises(ValueError, match=f"{flag} {value}: must be"):
+            dpo.main(args(ckpt, toy_prefs, tmp_path / "bad", "--max-steps", 1, "--anchor-data", memo_set, flag, value))
+
+
 def test_sft_loss_falls_on_memorisable_set(ckpt, memo_set, tmp_path):
     sft.main(args(ckpt, memo_set, tmp_path / "sft", "--max-steps", 12, "--lr", 3e-3))
     rows = log(tmp_path / "sft")
