@@ -190,12 +190,10 @@ def anchor_targets(model, examples, args, run):
 
 
 def anchor_hidden(net, batch, device):
-    """Hidden states [M, H] at the positions that predict the answer tokens of an
-    SFT batch (row by row), and the [B, T-1] mask that picks them."""
+    """Hidden states [M, H] that predict the answer tokens of an SFT batch, and the
+    [B, T-1] mask that picks them (losses.response_hidden)."""
     ids, att, mask = (batch[k].to(device) for k in ("input_ids", "attention_mask", "loss_mask"))
-    hidden = net(ids, att, return_hidden=True)  # [B, T, H]
-    mask = mask[:, 1:]  # hidden[:, t] predicts token t + 1
-    return hidden[:, :-1][mask], mask
+    return losses.response_hidden(net(ids, att, return_hidden=True), mask)
 
 
 def anchor_rows(step, n, per_step, seed):

@@ -134,19 +134,28 @@ def token_logps_from_hidden(hidden, weight, labels, impl="auto", chunk_size=None
     return logprobs_triton(hidden @ weight.T, labels, IGNORE_INDEX)
 
 
+def response_hidden(hidden, loss_mask):
+    """The hidden states that predict the response tokens: hidden[:, t] predicts
+    token t + 1, so position t is kept where loss_mask[:, t + 1] is set.
+
+    Args: hidden [B, T, H], loss_mask [B, T] bool.
+    Returns: rows [M, H] (row by row, M = trained tokens), mask [B, T-1] bool.
+    """
+    mask = loss_mask[:, 1:].bool()
+    return hidden[:, :-1][mask], mask
+
+
 def response_token_logps(hidden, weight, labels, loss_mask, impl="auto", chunk_size=None):
     """Per-token log-probs of the response tokens, from hidden states.
 
-    Same shift and mask as `token_logps` (hidden[:, t] predicts labels[:, t+1]);
-    only the trained positions go through the lm_head, so prompt and padding
-    tokens cost nothing.
+    Same shift and mask as `token_logps`, taken by `response_hidden`; only the
+    trained positions go through the lm_head, so prompt and padding tokens
+    cost nothing.
 
     Args: hidden [B, T, H], weight [V, H], labels [B, T], loss_mask [B, T] bool.
     Returns: [B, T-1] fp32, 0 at masked positions (what `sft_loss` takes).
     """
-    B, T, H = hidden.shape
-    mask = loss_mask[:, 1:].bool()  # [B, T-1]
-    rows = hidden[:, :-1][mask]  # [M, H], M = number of trained tokens
+    rows, mask = response_hidden(hidden, loss_mask)  # [M, H], [B, T-1]
     picked = token_logps_from_hidden(rows, weight, labels[:, 1:][mask], impl, chunk_size)  # [M]
     # [M] -> [B, T-1]: put each log-prob back at its position, zeros elsewhere
     return torch.zeros(mask.shape, dtype=picked.dtype, device=picked.device).masked_scatter(mask, picked)
@@ -313,9 +322,15 @@ def top_k_distribution(hidden, weight, k):
     Returns: ids [M, k] int64, logps [M, k] fp32 (their log-probs), rest [M]
     fp32 (the log of the probability of all other tokens together).
     """
-    logp = torch.log_softmax(hidden.float() @ weight.float().T, -1)  # [M, V]
+    logp = _full_logps(hidden, weight)
     top = logp.topk(k, -1)
     return top.indices, top.values, _log_rest(logp, top.indices)
+
+
+def _full_logps(hidden, weight):
+    """[M, H], [V, H] -> [M, V] fp32 log-probs over the whole vocabulary (the KL
+    needs every token; a few anchor answers per step keep this small)."""
+    return torch.log_softmax(hidden.float() @ weight.float().T, -1)
 
 
 def _log_rest(logp, ids):
@@ -340,7 +355,7 @@ def top_k_kl(hidden, weight, ref_ids, ref_logps, ref_rest):
     Args: hidden [M, H], weight [V, H], and the reference's `top_k_distribution`
     at the same M positions. Returns: [M] fp32.
     """
-    logq = torch.log_softmax(hidden.float() @ weight.float().T, -1)  # [M, V]
+    logq = _full_logps(hidden, weight)
     logq_top = logq.gather(-1, ref_ids)  # [M, k]
     logq_rest = _log_rest(logq, ref_ids)  # [M]
     return (ref_logps.exp() * (ref_logps - logq_top)).sum(-1) + ref_rest.exp() * (ref_rest - logq_rest)
