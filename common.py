@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 import data
+import lora
 import model as model_lib
 
 
@@ -73,7 +74,7 @@ def add_common_args(ap, lr: float):
     ap.add_argument("--lora-rank", type=int, default=0, help="0 = full fine-tuning")
     ap.add_argument("--lora-alpha", type=float, default=16.0)
     ap.add_argument("--lora-dropout", type=float, default=0.0)
-    ap.add_argument("--lora-targets", default=",".join(model_lib.LORA_TARGETS))
+    ap.add_argument("--lora-targets", default=",".join(lora.LORA_TARGETS))
     ap.add_argument("--save-adapter", action="store_true", help="with LoRA: save the adapter, not merged weights")
     ap.add_argument("--resume", action="store_true", help="continue from OUT/state/trainer.pt")
     ap.add_argument("--overwrite", action="store_true", help="train into an --out that holds another run")
@@ -114,7 +115,7 @@ def check_args(args):
         if not ok:
             raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be {want}")
     lora_set = (args.lora_alpha != 16.0 or args.lora_dropout != 0.0 or args.save_adapter
-                or args.lora_targets != ",".join(model_lib.LORA_TARGETS))
+                or args.lora_targets != ",".join(lora.LORA_TARGETS))
     if lora_set and args.lora_rank == 0:
         raise ValueError("--lora-alpha/--lora-dropout/--lora-targets/--save-adapter apply to LoRA only: "
                          "add --lora-rank R (> 0), or drop them")
@@ -222,7 +223,7 @@ def load_policy(args, device):
     model.gradient_checkpointing = args.grad_checkpointing
     if args.lora_rank > 0:
         targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
-        model_lib.add_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout, targets)
+        lora.add_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout, targets)
     elif args.save_adapter:
         raise ValueError("--save-adapter needs LoRA (--lora-rank > 0)")
     return model.train()
@@ -461,14 +462,14 @@ def save_final(run, model, tokenizer_dir, args):
     if not run.main:
         return
     if args.lora_rank > 0 and args.save_adapter:
-        model_lib.save_adapter(model, run.out, args.ckpt)
+        lora.save_adapter(model, run.out, args.ckpt)
         for name in model_lib.TOKENIZER_FILES:
             if (Path(tokenizer_dir) / name).is_file():
                 (run.out / name).write_bytes((Path(tokenizer_dir) / name).read_bytes())
         save_template_file(run.out, args)
         return
     if args.lora_rank > 0:
-        model_lib.merge_lora(model)
+        lora.merge_lora(model)
     tmp = run.out.with_name(f".{run.out.name}.final")
     for stale in run.out.parent.glob(f".{run.out.name}.final*"):  # left by a save that was killed
         shutil.rmtree(stale)

@@ -13,7 +13,7 @@ The reference model, three ways (--ref):
                         policy, and --resume reuses the file.
   model                 a frozen copy of the starting model runs beside the
                         policy; with LoRA no copy is made: the reference is the
-                        policy with its adapters switched off (model.lora_disabled).
+                        policy with its adapters switched off (lora.lora_disabled).
   --reference-free      no reference at all (the ref log-probs are 0).
 
 Speed on a CPU: each pair is one row [prompt | chosen | rejected] in which
@@ -52,6 +52,7 @@ import torch
 
 import common
 import data
+import lora
 import losses
 import model as model_lib
 
@@ -118,7 +119,7 @@ def precompute_reference(model, train, rows, tok, args, run, out):
     was_training = model.training
     model.eval()
     bar = common.progress(run, len(batches), 0, args, "reference log-probs")
-    with model_lib.lora_disabled(model), common.autocast(args, run.device):
+    with lora.lora_disabled(model), common.autocast(args, run.device):
         for batch_rows in batches:
             chosen, rejected = pair_logps(model, model.lm_head_weight, data.collate_pairs(
                 [train[i] for i in batch_rows], tok.pad_id), run.device, args)
@@ -178,7 +179,7 @@ def anchor_targets(model, examples, args, run):
     was_training = model.training
     model.eval()
     targets = []
-    with model_lib.lora_disabled(model), common.autocast(args, run.device):
+    with lora.lora_disabled(model), common.autocast(args, run.device):
         for s in range(0, len(examples), 2 * args.batch_size):
             batch = data.collate_sft(examples[s:s + 2 * args.batch_size], 0)
             hidden, mask = anchor_hidden(model, batch, run.device)
@@ -307,7 +308,7 @@ def main(argv=None):
                 if ref_logps is not None:
                     ref_chosen, ref_rejected = ref_logps[mine, 0], ref_logps[mine, 1]
                 elif ref_model is not None:
-                    with torch.no_grad(), model_lib.lora_disabled(ref_model):
+                    with torch.no_grad(), lora.lora_disabled(ref_model):
                         ref_chosen, ref_rejected = pair_logps(ref_model, ref_model.lm_head_weight, batch,
                                                               run.device, args)
                 else:

@@ -60,6 +60,7 @@ import torch
 
 import common
 import data
+import generation
 import model as model_lib
 import reward as reward_lib
 
@@ -420,8 +421,8 @@ class LlamaGuardJudge:
     def judge(self, prompts, answers, batch_size=8, max_new_tokens=20) -> list[dict]:
         """Greedy verdicts, one per (prompt, answer)."""
         ids = [llamaguard_ids(self.tok, self.version, p, a) for p, a in zip(prompts, answers)]
-        outs = model_lib.generate(self.model, self.tok, ids, max_new_tokens=max_new_tokens,
-                                  batch_size=batch_size, progress=True)
+        outs = generation.generate(self.model, self.tok, ids, max_new_tokens=max_new_tokens,
+                                   batch_size=batch_size, progress=True)
         return [dict(parse_llamaguard(o[0]["text"]), raw=o[0]["text"]) for o in outs]
 
 
@@ -673,8 +674,8 @@ def evaluate(ckpts, benches=(), judge="refusal", out=None, max_new_tokens=120, b
                 results["results"][cname][bname] = done[cname][bname]
                 continue
             print(f"[eval] {cname} on {bname} ({kind}, {len(prompts)} prompts)", flush=True)
-            outs = model_lib.generate(model, tok, prompts, max_new_tokens=max_new_tokens, seed=seed,
-                                      batch_size=batch_size, progress=True)
+            outs = generation.generate(model, tok, prompts, max_new_tokens=max_new_tokens, seed=seed,
+                                       batch_size=batch_size, progress=True)
             answers = [o[0]["text"] for o in outs]
             guard_v = guard.judge(prompts, answers, batch_size) if guard and kind == HARMFUL else None
             refusals = learned.refused(prompts, answers, batch_size) if learned else [is_refusal(a) for a in answers]

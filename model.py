@@ -1,6 +1,4 @@
-"""A LLaMA-family decoder, written out in full: load, run, sample, save.
-
-    python model.py --ckpt smollm2 "What is the capital of France?"
+"""A LLaMA-family decoder, written out in full: the network, load and save.
 
 Reads Hugging Face-layout checkpoints (config.json + *.safetensors) of Llama 2,
 TinyLlama, Llama 3.x, SmolLM2 and their reward models
@@ -9,16 +7,13 @@ so a checkpoint's tensors load by name, and `save_model` writes a folder that
 `transformers` loads back. Logits match transformers' LlamaForCausalLM to 1e-4
 in fp32 (tests/test_model.py). The name "smollm2" stands for the embedded
 default, SmolLM2-135M-Instruct, converted once from its GGUF file
-(see gguf_convert.py).
+(see gguf_convert.py). Generation lives in generation.py, LoRA in lora.py.
 """
-import contextlib
 import json
 import math
 import os
 import shutil
-import sys
 import tempfile
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -139,8 +134,9 @@ def rotate_half(x):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: LlamaConfig):
+    def __init__(self, cfg: LlamaConfig, layer_idx: int):
         super().__init__()
+        self.layer_idx = layer_idx  # which of the KV cache's layers this one writes
         self.n_head, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         b = cfg.attention_bias
         self.q_proj = nn.Linear(cfg.hidden_size, self.n_head * self.hd, bias=b)
@@ -148,47 +144,23 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=b)
         self.o_proj = nn.Linear(self.n_head * self.hd, cfg.hidden_size, bias=b)
 
-    def forward(self, x, cos, sin, mask, cache=None, layer=0, start=0, rows=None):
-        """x [B, T, H]; or, with `rows` (Llama.forward's TokenRows), only the
-        tokens computed [N, H]: they go back into their rows just for the attention."""
-        q = self.q_proj(x).unflatten(-1, (self.n_head, self.hd))  # [B, T, nh, hd] or [N, nh, hd]
+    def forward(self, x, rope, mask, layout, cache=None):
+        """x: the tokens the layers compute ([B, T, H], or [N, H], see TokenLayout);
+        rope: (cos, sin) in the same layout; mask [B, 1, T, keys]."""
+        cos, sin = rope
+        q = self.q_proj(x).unflatten(-1, (self.n_head, self.hd))  # [..., nh, hd]
         k = self.k_proj(x).unflatten(-1, (self.n_kv, self.hd))
         v = self.v_proj(x).unflatten(-1, (self.n_kv, self.hd))
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        if rows is not None:
-            q, k, v = (to_rows(t, rows) for t in (q, k, v))
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, T, hd]
+        q, k, v = (layout.to_batch(t).transpose(1, 2) for t in (q, k, v))  # [B, heads, T, hd]
         if cache is not None:  # write this step's keys/values, attend over everything so far
-            k, v = cache.update(layer, start, k, v)
+            k, v = cache.update(self.layer_idx, k, v)
         # Grouped-query attention: each kv head serves n_head / n_kv query heads;
         # enable_gqa does that inside the kernel instead of copying k and v.
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_head)  # [B, nh, T, hd]
         y = y.transpose(1, 2).flatten(2)  # [B, T, nh * hd]
-        if rows is not None:
-            y = y.flatten(0, 1)[rows.keep]  # back to the computed tokens [N, nh * hd]
-        return self.o_proj(y)
-
-
-class TokenRows(typing.NamedTuple):
-    """Which slots of a [B, T] batch the layers compute (Llama.forward).
-    keep [N]: the flat slot of each computed token; the first `shared` slots
-    are computed in row 0 only, and rows 1.. show row 0's."""
-    keep: torch.Tensor
-    shared: int
-    B: int
-    T: int
-
-
-def to_rows(t, rows):
-    """Computed tokens [N, ...] -> [B, T, ...]: each slot gets its token, the
-    shared slots row 0's in every row, zeros at the padding slots. (Both steps
-    have deterministic backward passes: a gather, and a sum over the rows.)"""
-    out = t.new_zeros(rows.B * rows.T, *t.shape[1:]).index_copy(0, rows.keep, t).unflatten(0, (rows.B, rows.T))
-    if rows.shared:
-        beginning = out[:1, :rows.shared].expand(rows.B, *[-1] * (out.dim() - 1))
-        out = torch.cat([beginning, out[:, rows.shared:]], dim=1)
-    return out
+        return self.o_proj(layout.to_tokens(y))
 
 
 class MLP(nn.Module):
@@ -204,15 +176,15 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: LlamaConfig):
+    def __init__(self, cfg: LlamaConfig, layer_idx: int):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, layer_idx)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, cache=None, layer=0, start=0, rows=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, start, rows)
+    def forward(self, x, rope, mask, layout, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask, layout, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -220,7 +192,7 @@ class Backbone(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
@@ -238,13 +210,18 @@ class Llama(nn.Module):
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.gradient_checkpointing = False
+        # The batch layout (TokenLayout): compute only the real tokens of a padded
+        # batch, and the leading tokens alike in every row (a chat template's
+        # system prompt) once. Off: every slot of [B, T] is computed, as written.
+        self.skip_padding = True
+        self.share_prefix = True
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
         """[V, H]; the embedding matrix itself when the head is tied."""
         return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
 
-    def forward(self, input_ids, attention_mask=None, return_hidden=False, cache=None, start=0, segments=None):
+    def forward(self, input_ids, attention_mask=None, return_hidden=False, cache=None, segments=None):
         """input_ids [B, T], attention_mask [B, T] (1 = token, 0 = padding, either side).
         segments [B, T] (optional, no cache): several answers to one prompt in one
         row, prompt first (segment 0), then each answer as a branch (1, 2, ...)
@@ -252,46 +229,40 @@ class Llama(nn.Module):
 
         Returns logits [B, T, V], or with return_hidden the final-norm hidden states
         [B, T, H] (the loss code turns those into log-probs without full logits).
-        With `cache` (a KVCache), the tokens are written at slots start..start+T-1
-        and attend to every earlier slot the cache marks as real. Without one,
-        padding is skipped: the outputs at padding slots are those of a zero
-        hidden state, and carry no meaning.
+        With `cache` (a generation.KVCache), the tokens are written after those it
+        holds and attend to every earlier slot it marks as real. The outputs at
+        padding slots carry no meaning.
         """
-        B, T = input_ids.shape
-        rows = None
-        if cache is not None:
-            if segments is not None:
-                raise ValueError("segments (shared-prompt rows) work without a KV cache only")
-            positions, mask = cache.positions_and_mask(start, T, attention_mask)
-        else:
-            if attention_mask is None:
-                attention_mask = torch.ones_like(input_ids)
-            valid = attention_mask.bool()
-            positions, mask = positions_and_mask(valid, segments)
-            # Every layer but the attention runs on each distinct real token
-            # once ([N, H] instead of [B, T, H]): padding costs no matmuls, and
-            # leading slots alike in every row (a chat template's system
-            # prompt) run in row 0 only.
-            rows = token_rows(input_ids, valid, segments)
-            if rows is not None:
-                input_ids, positions = input_ids.flatten()[rows.keep], positions.flatten()[rows.keep]
-        x = self.model.embed_tokens(input_ids)
-        freqs = positions[..., None, None].float() * self.inv_freq  # [B, T, 1, hd/2] or [N, 1, hd/2]
+        positions, mask, layout = self.attention_inputs(input_ids, attention_mask, cache, segments)
+        x = self.model.embed_tokens(layout.to_tokens(input_ids))  # [B, T, H], or [N, H] (TokenLayout)
+        freqs = layout.to_tokens(positions)[..., None, None].float() * self.inv_freq  # [..., 1, hd/2]
         emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-        for i, block in enumerate(self.model.layers):
-            if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, None, i, 0, rows, use_reentrant=False)
+        rope = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        for block in self.model.layers:
+            if self.gradient_checkpointing and self.training:  # recompute activations in the backward pass
+                x = torch.utils.checkpoint.checkpoint(block, x, rope, mask, layout, use_reentrant=False)
             else:
-                x = block(x, cos, sin, mask, cache, i, start, rows)
-        h = self.model.norm(x)
-        if rows is not None:
-            h = to_rows(h, rows)  # [B, T, H], zeros at padding
+                x = block(x, rope, mask, layout, cache)
+        h = layout.to_batch(self.model.norm(x))  # [B, T, H]
         if return_hidden:
             return h
         if self.config.num_labels:
             return self.score(h)  # [B, T, num_labels]
         return F.linear(h, self.lm_head_weight)
+
+    def attention_inputs(self, input_ids, attention_mask, cache=None, segments=None):
+        """-> positions [B, T], attention mask [B, 1, T, keys], and the TokenLayout."""
+        if cache is not None:
+            if segments is not None:
+                raise ValueError("segments (shared-prompt rows) work without a KV cache only")
+            return *cache.positions_and_mask(input_ids.shape[1], attention_mask), TokenLayout.dense()
+        valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        positions, mask = positions_and_mask(valid, segments)
+        return positions, mask, self.token_layout(input_ids, valid, segments)
+
+    def token_layout(self, input_ids, valid, segments=None) -> "TokenLayout":
+        """Which tokens of this batch the layers compute, by the switches above."""
+        return TokenLayout.of(input_ids, valid, segments, self.skip_padding, self.share_prefix)
 
     def reward_features(self, input_ids, attention_mask, segments=None):
         """The one vector per sequence the score head reads: the final-norm
@@ -307,6 +278,56 @@ class Llama(nn.Module):
         return self.score(self.reward_features(input_ids, attention_mask, segments))[..., 0]
 
 
+# ----------------------------------------------------------------------------
+# Batch layout: which tokens the layers compute
+
+class TokenLayout:
+    """Every layer but the attention treats tokens one by one, so it need not
+    run on padding, nor more than once on leading slots alike in every row (a
+    chat template's system prompt): those compute the same thing in every row.
+    This object holds which slots of a [B, T] batch are computed, and converts:
+
+        to_tokens  [B, T, ...] -> [N, ...]   the N computed slots (row 0's copy of shared ones)
+        to_batch   [N, ...] -> [B, T, ...]   back into the rows: shared slots show row 0's,
+                                             padding slots zeros
+
+    The attention goes to_batch before and to_tokens after. With nothing to
+    skip (`keep` None) both are the identity. Both have deterministic backward
+    passes (an index, and an index_copy plus a sum over the rows)."""
+
+    def __init__(self, keep=None, shared=0, B=0, T=0):
+        self.keep, self.shared, self.B, self.T = keep, shared, B, T  # keep [N]: flat slot of each computed token
+
+    @classmethod
+    def dense(cls) -> "TokenLayout":
+        return cls()
+
+    @classmethod
+    def of(cls, input_ids, valid, segments=None, skip_padding=True, share_prefix=True) -> "TokenLayout":
+        B, T = valid.shape
+        shared = shared_prefix_length(input_ids, valid, segments) if share_prefix else 0
+        computed = valid.clone() if skip_padding else torch.ones_like(valid)
+        if not shared and computed.all():
+            return cls.dense()
+        computed[1:, :shared] = False
+        return cls(computed.flatten().nonzero().squeeze(1), shared, B, T)
+
+    def num_tokens(self, input_ids) -> int:
+        return input_ids.numel() if self.keep is None else len(self.keep)
+
+    def to_tokens(self, t):
+        return t if self.keep is None else t.flatten(0, 1)[self.keep]
+
+    def to_batch(self, t):
+        if self.keep is None:
+            return t
+        out = t.new_zeros(self.B * self.T, *t.shape[1:]).index_copy(0, self.keep, t).unflatten(0, (self.B, self.T))
+        if self.shared:
+            beginning = out[:1, :self.shared].expand(self.B, *[-1] * (out.dim() - 1))
+            out = torch.cat([beginning, out[:, self.shared:]], dim=1)
+        return out
+
+
 def shared_prefix_length(input_ids, valid, segments=None) -> int:
     """How many leading slots hold the same real token (and segment) in every
     row of a batch of two or more. Those slots compute the same thing in every
@@ -317,19 +338,6 @@ def shared_prefix_length(input_ids, valid, segments=None) -> int:
     if segments is not None:
         alike &= (segments == segments[:1]).all(0)
     return int(alike.long().cumprod(0).sum())
-
-
-def token_rows(input_ids, valid, segments=None) -> TokenRows | None:
-    """The slots a forward pass computes: every real slot, except the leading
-    slots of rows 1.. that row 0 holds alike (shared_prefix_length). None when
-    that is every slot."""
-    B, T = valid.shape
-    shared = shared_prefix_length(input_ids, valid, segments)
-    if not shared and valid.all():
-        return None
-    computed = valid.clone()
-    computed[1:, :shared] = False
-    return TokenRows(computed.flatten().nonzero().squeeze(1), shared, B, T)
 
 
 def last_token_index(attention_mask: torch.Tensor, segments: torch.Tensor | None = None) -> torch.Tensor:
@@ -363,215 +371,6 @@ def positions_and_mask(valid: torch.Tensor, segments: torch.Tensor | None = None
     mask = mask | torch.eye(T, dtype=torch.bool, device=valid.device)[None]
     return positions, mask[:, None]
 
-
-# ----------------------------------------------------------------------------
-# KV cache and generation
-
-class KVCache:
-    """Preallocated keys/values [layers, B, n_kv, max_len, hd] plus which slots hold real tokens."""
-
-    def __init__(self, cfg: LlamaConfig, batch: int, max_len: int, device, dtype):
-        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
-        self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)  # rope position of the next token
-
-    def positions_and_mask(self, start, T, attention_mask):
-        """Positions [B, T] and mask [B, 1, T, start+T] for T new tokens written at
-        `start`: the same conventions as `positions_and_mask` above, kept across calls."""
-        B = self.valid.shape[0]
-        new = torch.ones(B, T, dtype=torch.bool, device=self.valid.device) if attention_mask is None \
-            else attention_mask.bool()
-        self.valid[:, start:start + T] = new
-        positions = self.next_pos[:, None] + (new.long().cumsum(-1) - 1).clamp(min=0)
-        self.next_pos += new.long().sum(-1)
-        S = start + T
-        causal = torch.ones(T, S, dtype=torch.bool, device=new.device).tril(diagonal=start)
-        mask = causal[None] & self.valid[:, None, :S]
-        mask[:, torch.arange(T), start + torch.arange(T)] = True  # padding queries see themselves
-        return positions, mask[:, None]
-
-    def update(self, layer, start, k, v):
-        T = k.shape[2]
-        self.k[layer, :, :, start:start + T] = k
-        self.v[layer, :, :, start:start + T] = v
-        return self.k[layer, :, :, :start + T], self.v[layer, :, :, :start + T]
-
-    def repeat(self, n: int):
-        """Each row becomes n consecutive rows (K samples share one prefilled prompt)."""
-        self.k = self.k.repeat_interleave(n, dim=1)
-        self.v = self.v.repeat_interleave(n, dim=1)
-        self.valid = self.valid.repeat_interleave(n, dim=0)
-        self.next_pos = self.next_pos.repeat_interleave(n, dim=0)
-
-
-class PackedLinear(nn.Module):
-    """Inference-only stand-in for an nn.Linear on the CPU (or the lm_head).
-
-    A decoding step multiplies a few rows by every weight matrix. A plain
-    F.linear lets the BLAS library repack the whole weight into its blocked
-    layout on every call, which costs more than the multiplication itself;
-    here the weight is reordered once into oneDNN's layout (for `rows` rows),
-    and each step reuses it: about 2x faster for SmolLM2's decoding steps on
-    2 cores (bench/bench_generate.py). The price is a second copy of the
-    weights while it lives.
-    """
-
-    def __init__(self, weight, bias=None, rows=16):
-        super().__init__()
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
-        self.bias = bias
-
-    def forward(self, x):
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-
-
-def can_pack(model) -> bool:
-    """PackedLinear applies to fp32 weights on a CPU with oneDNN."""
-    p = next(model.parameters())
-    return p.device.type == "cpu" and p.dtype == torch.float32 and torch.backends.mkldnn.is_available()
-
-
-class packed_linears:
-    """Within this block every plain nn.Linear of the model is a PackedLinear
-    (LoRA layers are left as they are); the originals are put back on exit.
-
-        with packed_linears(model, rows=16):
-            ...decode...
-    """
-
-    def __init__(self, model, rows):
-        self.model, self.rows, self.swapped = model, rows, []
-
-    def __enter__(self):
-        for parent in list(self.model.modules()):
-            for name, child in parent.named_children():
-                if type(child) is nn.Linear:
-                    setattr(parent, name, PackedLinear(child.weight, child.bias, self.rows))
-                    self.swapped.append((parent, name, child))
-        return self
-
-    def __exit__(self, *exc):
-        for parent, name, child in self.swapped:
-            setattr(parent, name, child)
-        self.swapped = []
-
-
-def sample_next(logits, temperature=0.0, top_p=1.0, top_k=0, generator=None, candidates=1024):
-    """logits [B, V] -> next token [B]. temperature 0 = greedy.
-
-    top-k keeps the k most likely tokens; top-p then keeps the smallest set of
-    the most likely ones whose probability reaches top_p (after top-k, as in
-    transformers). Sorting the whole vocabulary every step is slow, so only the
-    `candidates` most likely tokens are sorted (torch.topk); when some row's
-    nucleus does not fit in them, every token is sorted instead. Exact either way.
-    """
-    if temperature <= 0:
-        return logits.argmax(-1)
-    logits = logits.float() / temperature
-    V = logits.shape[-1]
-    if top_k <= 0 and top_p >= 1.0:  # plain sampling from the whole distribution
-        return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
-    k = min(top_k, V) if top_k > 0 else min(candidates, V) if top_p < 1.0 else V
-    vals, idx = logits.topk(k, dim=-1)  # [B, k], most likely first
-    # Probabilities of the candidates: over the top-k set with top-k, over the whole vocabulary without.
-    probs = (vals - (vals if top_k > 0 else logits).logsumexp(-1, keepdim=True)).exp()
-    if top_k <= 0 and k < V and bool((probs.sum(-1) < top_p).any()):
-        return sample_next(logits, 1.0, top_p, 0, generator, candidates=V)  # nucleus wider than the candidates
-    if top_p < 1.0:
-        drop = probs.cumsum(-1) - probs >= top_p  # mass before this token already reaches top_p
-        probs = probs.masked_fill(drop, 0.0)
-    choice = torch.multinomial(probs, 1, generator=generator)  # [B, 1], renormalises the kept mass
-    return idx.gather(-1, choice)[:, 0]
-
-
-@torch.inference_mode()
-def generate(model, tokenizer, prompts, max_new_tokens=120, temperature=0.0, top_p=1.0, top_k=0,
-             num_samples=1, seed=0, batch_size=16, progress=False, pack=None):
-    """Answer each prompt `num_samples` times. Returns a list (one per prompt) of
-    lists (one per sample) of dicts {"ids": [...], "text": str, "finished": bool}.
-
-    prompts: strings, rendered with the tokenizer's template (data.encode_prompt),
-    or lists of token ids used as they are. Rows are left-padded and prefilled
-    once; with num_samples > 1 each prompt's prefilled cache is copied to its K
-    rows, so a prompt's tokens are processed once, not K times. A row stops at
-    any of the tokenizer's stop ids (EOS, <|im_end|>, <|eot_id|>, ...);
-    `finished` is False when it ran out of new tokens instead. The same seed
-    gives the same samples (for the same batch_size). pack (default: on a CPU
-    with oneDNN) runs the linear layers as PackedLinear while generating.
-    """
-    import data  # templates live with the tokenizer
-    from tqdm import tqdm
-
-    device = next(model.parameters()).device
-    encoded = [p if isinstance(p, list) else data.encode_prompt(tokenizer, p) for p in prompts]
-    positions = model.config.raw.get("max_position_embeddings")
-    too_long = next((i for i, ids in enumerate(encoded) if positions and len(ids) + max_new_tokens > positions), None)
-    if too_long is not None:  # past its positions the model answers garbage, silently
-        raise ValueError(f"prompt {too_long} has {len(encoded[too_long])} tokens: with max_new_tokens "
-                         f"{max_new_tokens} that passes the model's max_position_embeddings {positions}; "
-                         "shorten the prompt or lower max_new_tokens")
-    stop = torch.tensor(sorted(tokenizer.stop_ids), device=device)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    was_training = model.training
-    model.eval()
-    out = []
-    per_batch = max(1, batch_size // num_samples)
-    pack = can_pack(model) if pack is None else pack
-    rows = per_batch * num_samples
-    packing = packed_linears(model, rows) if pack else contextlib.nullcontext()
-    head = PackedLinear(model.lm_head_weight, rows=rows) if pack else \
-        (lambda h: F.linear(h, model.lm_head_weight))
-    with packing:
-        for s in tqdm(range(0, len(encoded), per_batch), desc="generate", disable=not progress, leave=False):
-            out += _generate_batch(model, tokenizer, head, encoded[s:s + per_batch], max_new_tokens, temperature,
-                                   top_p, top_k, num_samples, stop, generator)
-    model.train(was_training)
-    return out
-
-
-def _generate_batch(model, tokenizer, head, chunk, max_new_tokens, temperature, top_p, top_k, num_samples,
-                    stop, generator):
-    """generate() for one batch of prompts (token lists): prefill, then decode."""
-    device = stop.device
-    dtype = next(model.parameters()).dtype
-    out = []
-    P, L = len(chunk), max(len(c) for c in chunk)
-    ids = torch.full((P, L), tokenizer.pad_id, dtype=torch.long, device=device)
-    att = torch.zeros(P, L, dtype=torch.long, device=device)
-    for i, c in enumerate(chunk):  # left padding: every row's last prompt token sits at slot L-1
-        ids[i, L - len(c):] = torch.tensor(c, device=device)
-        att[i, L - len(c):] = 1
-    cache = KVCache(model.config, P, L + max_new_tokens, device, dtype)
-    h = model(ids, att, return_hidden=True, cache=cache, start=0)[:, -1]  # [P, H]
-    logits = head(h)  # only the last position's logits are needed
-    if num_samples > 1:
-        cache.repeat(num_samples)
-        logits = logits.repeat_interleave(num_samples, dim=0)
-    B = P * num_samples
-    new = torch.full((B, max_new_tokens), tokenizer.pad_id, dtype=torch.long, device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    n = 0
-    for n in range(max_new_tokens):
-        tok = sample_next(logits, temperature, top_p, top_k, generator)
-        tok = torch.where(done, tokenizer.pad_id, tok)
-        new[:, n] = tok
-        done |= torch.isin(tok, stop)
-        if bool(done.all()) or n == max_new_tokens - 1:
-            break
-        step_mask = (~done).long()[:, None]  # finished rows feed padding that nothing attends to
-        logits = head(model(tok[:, None], step_mask, return_hidden=True, cache=cache, start=L + n)[:, -1])
-    new = new[:, :n + 1].tolist()
-    for i in range(P):
-        row = []
-        for j in range(num_samples):
-            toks = new[i * num_samples + j]
-            cut = next((t for t, x in enumerate(toks) if x in tokenizer.stop_ids), None)
-            ids_ = toks if cut is None else toks[:cut]
-            row.append({"ids": ids_, "text": tokenizer.decode(ids_), "finished": cut is not None})
-        out.append(row)
-    return out
 
 
 # ----------------------------------------------------------------------------
@@ -744,165 +543,3 @@ def save_model(model: Llama, out_dir, tokenizer_dir=None, max_shard_bytes=2 * 10
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
-
-
-# ----------------------------------------------------------------------------
-# LoRA (Hu et al. 2021): W x + (alpha / r) * B A dropout(x), with A [r, in]
-# random and B [out, r] zero, so training starts from the base model exactly.
-# Parameter names follow PEFT (q_proj.lora_A.weight, q_proj.lora_B.weight), so
-# a saved adapter reads like a PEFT one.
-
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-class LoRALinear(nn.Linear):
-    """An nn.Linear that keeps its own weight/bias (same names as before, frozen)
-    and adds a trainable low-rank update."""
-
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float):
-        nn.Module.__init__(self)
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight, self.bias = base.weight, base.bias
-        self.weight.requires_grad_(False)
-        if self.bias is not None:
-            self.bias.requires_grad_(False)
-        dev, dt = base.weight.device, base.weight.dtype
-        self.lora_A = nn.Linear(self.in_features, rank, bias=False, device=dev, dtype=dt)
-        self.lora_B = nn.Linear(rank, self.out_features, bias=False, device=dev, dtype=dt)
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # what nn.Linear itself uses
-        nn.init.zeros_(self.lora_B.weight)
-        self.scale = alpha / rank
-        self.dropout = nn.Dropout(dropout)
-        self.lora_enabled = True
-
-    def forward(self, x):
-        y = F.linear(x, self.weight, self.bias)
-        if not self.lora_enabled:
-            return y
-        return y + self.lora_B(self.lora_A(self.dropout(x))) * self.scale
-
-
-def add_lora(model: nn.Module, rank: int, alpha: float = 16.0, dropout: float = 0.0, targets=LORA_TARGETS):
-    """Wrap every nn.Linear whose name ends in one of `targets`; freeze all other
-    parameters. Returns the model (changed in place)."""
-    if rank <= 0:
-        raise ValueError(f"LoRA rank must be > 0, got {rank}")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    found = 0
-    for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and not isinstance(module, LoRALinear) and name.split(".")[-1] in targets:
-            parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent), attr, LoRALinear(module, rank, alpha, dropout))
-            found += 1
-    if not found:
-        raise ValueError(f"no linear layer is named one of {list(targets)}; this model's names are like "
-                         f"{[n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:4]}")
-    model.lora_config = {"r": rank, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": list(targets)}
-    return model
-
-
-def lora_modules(model):
-    return [m for m in model.modules() if isinstance(m, LoRALinear)]
-
-
-def merge_lora(model: nn.Module):
-    """Fold each adapter into its weight (W += scale * B A) and put plain
-    nn.Linear layers back, so the model saves in the ordinary layout."""
-    for name, module in list(model.named_modules()):
-        if isinstance(module, LoRALinear):
-            plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                              device="meta")
-            with torch.no_grad():
-                delta = (module.lora_B.weight.float() @ module.lora_A.weight.float()) * module.scale  # [out, in]
-                plain.weight = nn.Parameter(module.weight + delta.to(module.weight.dtype))
-                if module.bias is not None:
-                    plain.bias = module.bias
-            parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent), attr, plain)
-    for p in model.parameters():
-        p.requires_grad_(True)
-    model.__dict__.pop("lora_config", None)
-    return model
-
-
-class lora_disabled:
-    """`with lora_disabled(model):` runs the base model (adapters off); the DPO
-    reference with LoRA is the policy itself with this switch on."""
-
-    def __init__(self, model):
-        self.modules = lora_modules(model)
-
-    def __enter__(self):
-        for m in self.modules:
-            m.lora_enabled = False
-
-    def __exit__(self, *exc):
-        for m in self.modules:
-            m.lora_enabled = True
-
-
-def save_adapter(model: nn.Module, out_dir, base_ckpt=None):
-    """PEFT-style adapter folder: adapter_config.json + adapter_model.safetensors
-    (tensor names prefixed "base_model.model."), written atomically."""
-    from safetensors.torch import save_file
-
-    if not lora_modules(model):
-        raise ValueError("save_adapter: the model has no LoRA layers (add_lora was not called)")
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    state = {f"base_model.model.{k}": v.detach().contiguous().cpu()
-             for k, v in model.state_dict().items() if ".lora_A." in k or ".lora_B." in k}
-    save_file(state, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-    cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "bias": "none",
-           "base_model_name_or_path": str(base_ckpt or getattr(model, "ckpt_dir", "")), **model.lora_config}
-    (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
-    if out_dir.exists():
-        for f in tmp.iterdir():  # the run folder holds other files too: replace only these two
-            os.replace(f, out_dir / f.name)
-        shutil.rmtree(tmp)
-    else:
-        tmp.rename(out_dir)
-    return out_dir
-
-
-def load_adapter(model: nn.Module, adapter_dir):
-    """add_lora with the saved config, then load the saved A and B weights."""
-    from safetensors.torch import load_file
-
-    adapter_dir = Path(adapter_dir)
-    cfg_file = adapter_dir / "adapter_config.json"
-    if not cfg_file.is_file():
-        raise FileNotFoundError(f"{cfg_file} is missing: not a LoRA adapter folder")
-    cfg = json.loads(cfg_file.read_text())
-    add_lora(model, cfg["r"], cfg["lora_alpha"], cfg.get("lora_dropout", 0.0), cfg["target_modules"])
-    state = {k.removeprefix("base_model.model."): v for k, v in
-             load_file(str(adapter_dir / "adapter_model.safetensors")).items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or any(".lora_" in k for k in missing):
-        raise KeyError(f"{adapter_dir}: adapter tensors do not match the model (unexpected {unexpected[:4]})")
-    return model
-
-
-def main(argv=None):
-    import argparse
-    import data
-
-    ap = argparse.ArgumentParser(description="Load a checkpoint and answer prompts.")
-    ap.add_argument("prompts", nargs="*", default=["What is the capital of France?"])
-    ap.add_argument("--ckpt", default=DEFAULT_CKPT)
-    ap.add_argument("--max-new-tokens", type=int, default=120)
-    ap.add_argument("--temperature", type=float, default=0.0)
-    ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
-    model = load_model(args.ckpt)
-    tok = data.load_tokenizer(args.ckpt)
-    res = generate(model, tok, args.prompts, args.max_new_tokens, args.temperature, args.top_p, seed=args.seed)
-    for p, r in zip(args.prompts, res):
-        print(f"### {p}\n{r[0]['text']}\n")
-
-
-if __name__ == "__main__":
-    sys.exit(main())

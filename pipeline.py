@@ -113,6 +113,7 @@ def distill(base: str, out: Path, quick: bool):
     Greedy, seed 0, so the files are the same on every run."""
     import common
     import data
+    import generation
     import model as model_lib
 
     def read_jsonl(path):
@@ -121,8 +122,8 @@ def distill(base: str, out: Path, quick: bool):
     model, tok = model_lib.load_model(base), data.load_tokenizer(base)
     limit = 4 if quick else None
     ordinary = [r["prompt"] for r in read_jsonl(DEMO / "ordinary_train.jsonl")][:limit]
-    outs = model_lib.generate(model, tok, ordinary, max_new_tokens=8 if quick else 160, batch_size=32,
-                              progress=True)
+    outs = generation.generate(model, tok, ordinary, max_new_tokens=8 if quick else 160, batch_size=32,
+                               progress=True)
     answers = []
     for o in outs:
         text = o[0]["text"].strip()
@@ -138,8 +139,8 @@ def distill(base: str, out: Path, quick: bool):
               "kind": "ordinary"} for i, (p, a) in enumerate(keep)]
     openings = read_jsonl(DEMO / "prefs_openings.jsonl")
     benign = [r for r in openings if r["kind"] == "benign"][:limit]
-    first = model_lib.generate(model, tok, [r["prompt"] for r in benign], max_new_tokens=24, batch_size=32,
-                               progress=True)
+    first = generation.generate(model, tok, [r["prompt"] for r in benign], max_new_tokens=24, batch_size=32,
+                                progress=True)
     for r, o in zip(benign, first):
         text = o[0]["text"].strip()
         if text and not evaluation.is_refusal(text):

@@ -8,7 +8,7 @@ make an instruction-tuned model safe: sample, score, keep the best, fine-tune.
 One iteration i (the loop in `main`):
   1. take the next B prompts (--prompts-per-iter; the file is shuffled once with
      --seed and reused from the start when it runs out),
-  2. sample K answers per prompt (model.generate: each prompt is prefilled once
+  2. sample K answers per prompt (generation.generate: each prompt is prefilled once
      and its KV cache copied to its K rows),
   3. score every (prompt, answer) with the reward (--reward),
   4. drop degenerate samples and keep the best (--rank local / global),
@@ -69,6 +69,7 @@ import torch
 
 import common
 import data
+import generation
 import model as model_lib
 
 
@@ -153,10 +154,10 @@ def sample_and_select(policy, tok, prompts, reward_fn, args, seed: int):
     """Sample K answers per prompt, score, filter and rank them.
     Returns (records for samples.jsonl, kept [{prompt, response}], stats)."""
     t0 = time.time()
-    samples = model_lib.generate(policy, tok, prompts, max_new_tokens=args.max_new_tokens,
-                                 temperature=args.temperature, top_p=args.top_p, num_samples=args.k,
-                                 seed=seed, batch_size=args.gen_batch_size,
-                                 progress=not args.quiet)  # [P][K] dicts
+    samples = generation.generate(policy, tok, prompts, max_new_tokens=args.max_new_tokens,
+                                  temperature=args.temperature, top_p=args.top_p, num_samples=args.k,
+                                  seed=seed, batch_size=args.gen_batch_size,
+                                  progress=not args.quiet)  # [P][K] dicts
     t_sample = time.time() - t0
     flat = [s["text"] for row in samples for s in row]
     flat_scores = reward_fn([p for p in prompts for _ in range(args.k)], flat)

@@ -57,6 +57,7 @@ from tqdm import tqdm
 
 import common
 import data
+import lora
 import losses
 import model as model_lib
 
@@ -355,7 +356,7 @@ def main(argv=None):
         args.dtype = "bf16" if common.native_bf16(device) else "fp32"
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
     if args.lora_rank > 0:
-        model_lib.add_lora(rm, args.lora_rank)  # freezes everything else ...
+        lora.add_lora(rm, args.lora_rank)  # freezes everything else ...
         rm.score.weight.requires_grad_(True)  # ... but a new head must learn
     elif args.train_layers is not None:
         freeze_lower(rm, args.train_layers)
@@ -378,7 +379,7 @@ def main(argv=None):
         log += train_backbone(rm, train, steps, tok.pad_id, autocast, args, t_start)
 
     if args.lora_rank > 0:
-        model_lib.merge_lora(rm)
+        lora.merge_lora(rm)
     model_lib.save_model(rm, out)
     common.save_template_file(out, args)
     t_train = time.time() - t_start

@@ -7,7 +7,7 @@ top-p 0.95 (the RAFT setting). Both sides are forced to produce every token
 (no early stop at EOS), so tokens/s counts the same work. Each side runs
 `repeats` times after one warm-up; the median is reported.
 Goal (issue 2): ours >= 1.5x transformers' tokens/s. "ours" packs the linear
-weights for oneDNN while generating (model.PackedLinear, the default on a CPU);
+weights for oneDNN while generating (kernels.packed_linear.PackedLinear, the default on a CPU);
 "ours, unpacked" is the same code with plain F.linear, the way transformers runs.
 """
 import argparse
@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
+import generation  # noqa: E402
 import model as model_lib  # noqa: E402
 
 PROMPTS = ["What is the capital of France?", "Write a short poem about autumn leaves.",
@@ -50,8 +51,8 @@ def main():
     n_tokens = args.batch * args.new
 
     def run_ours(seed, pack=None):
-        out = model_lib.generate(ours, tok, enc, max_new_tokens=args.new, temperature=0.85, top_p=0.95,
-                                 seed=seed, batch_size=args.batch, pack=pack)
+        out = generation.generate(ours, tok, enc, max_new_tokens=args.new, temperature=0.85, top_p=0.95,
+                                  seed=seed, batch_size=args.batch, pack=pack)
         assert sum(len(r[0]["ids"]) for r in out) == n_tokens
 
     def run_hf(seed):

@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import data  # noqa: E402
+import generation  # noqa: E402
 import model as model_lib  # noqa: E402
 
 PASSAGE = ("The committee met on Tuesday to review the quarterly report on water quality in the northern "
@@ -43,9 +44,9 @@ def run(model, tok, prompts, k, shared, max_new_tokens, seed) -> tuple[float, in
     kw = dict(max_new_tokens=max_new_tokens, temperature=0.85, top_p=0.95, seed=seed, batch_size=rows)
     t0 = time.perf_counter()
     if shared:
-        out = model_lib.generate(model, tok, prompts, num_samples=k, **kw)
+        out = generation.generate(model, tok, prompts, num_samples=k, **kw)
     else:
-        out = model_lib.generate(model, tok, [p for p in prompts for _ in range(k)], num_samples=1, **kw)
+        out = generation.generate(model, tok, [p for p in prompts for _ in range(k)], num_samples=1, **kw)
     seconds = time.perf_counter() - t0
     return seconds, sum(len(s["ids"]) + s["finished"] for r in out for s in r)  # + the stop token itself
 

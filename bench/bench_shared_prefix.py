@@ -6,14 +6,14 @@ the same either way and left out).
 
 Every row of a batch starts with the chat template's system prompt (SmolLM2's
 is 20-odd tokens). Llama.forward finds the leading slots alike in every row
-(model.shared_prefix_length) and runs them in row 0 only. Two batch kinds,
+(model.TokenLayout) and runs them in row 0 only. Two batch kinds,
 batch size 8 as in pipeline.py:
   dpo  demo_data/prefs_*.jsonl pair rows with --opening-words 4: a short
        prompt and two 4-word answers, so the system prompt is a third of the tokens;
   sit  demo_data/sit_train.json rows (prompt + whole answer, --max-len 256).
-Each kind runs `shared` (as dpo.py and sft.py do) and `off` (the same code
-with shared_prefix_length returning 0: every row computes its own copy, as
-before this change), alternating, `--rounds` times over the same batches.
+Each kind runs `shared` (as dpo.py and sft.py do) and `off` (the model's
+switch `share_prefix = False`: every row computes its own copy; padding is
+skipped in both), alternating, `--rounds` times over the same batches.
 Prints tokens computed, seconds per batch (median over rounds of the total),
 the ratio, and the largest difference of the summed answer log-probs (the two
 must agree to float rounding).
@@ -49,10 +49,10 @@ def batches(tok, kind, n, size=8, seed=0):
     return [collate(examples[i:i + size], tok.pad_id) for i in range(0, n * size, size)]
 
 
-def tokens_computed(batch) -> int:
-    """Tokens the layers run for this batch (model.token_rows; None: every slot)."""
-    rows = model_lib.token_rows(batch["input_ids"], batch["attention_mask"].bool(), batch.get("segments"))
-    return batch["input_ids"].numel() if rows is None else len(rows.keep)
+def tokens_computed(net, batch) -> int:
+    """Tokens the layers run for this batch (the model's TokenLayout)."""
+    layout = net.token_layout(batch["input_ids"], batch["attention_mask"].bool(), batch.get("segments"))
+    return layout.num_tokens(batch["input_ids"])
 
 
 def answer_logps(net, batch):
@@ -71,23 +71,22 @@ def main():
     a = ap.parse_args()
     tok = data.load_tokenizer(None)
     net = model_lib.load_model(None, dtype=torch.float32).train()
-    shared_prefix_length = model_lib.shared_prefix_length
     for kind in ("dpo", "sit"):
         work = batches(tok, kind, a.batches)
         real = sum(int(b["attention_mask"].sum()) for b in work)
-        computed = sum(tokens_computed(b) for b in work)
+        computed = sum(tokens_computed(net, b) for b in work)
         answer_logps(net, work[0])  # warm-up
         seconds, logps = {"shared": [], "off": []}, {}
         for _ in range(a.rounds):
             for mode in ("shared", "off"):
-                model_lib.shared_prefix_length = shared_prefix_length if mode == "shared" else (lambda *_a, **_k: 0)
+                net.share_prefix = mode == "shared"
                 t0 = time.perf_counter()
                 logps[mode] = []
                 for b in work:
                     net.zero_grad(set_to_none=True)
                     logps[mode].append(answer_logps(net, b))
                 seconds[mode].append(time.perf_counter() - t0)
-        model_lib.shared_prefix_length = shared_prefix_length
+        net.share_prefix = True
         s, o = (statistics.median(seconds[m]) / len(work) for m in ("shared", "off"))
         diff = max(abs(x - y) for x, y in zip(logps["shared"], logps["off"]))
         print(f"{kind}: {len(work)} batches of 8, {real} real tokens, {computed} computed when shared "

@@ -49,11 +49,9 @@ def pair_features(rm, examples, pad_id, batch_size=16, desc=None) -> torch.Tenso
             ids, mask, segments = batch["input_ids"], batch["attention_mask"], batch["segments"]
             rm(ids, mask, return_hidden=True, segments=segments)
             last = model_lib.last_token_index(mask, segments)  # [B, 2]
-            computed = model_lib.token_rows(ids, mask.bool(), segments)
+            layout = rm.token_layout(ids, mask.bool(), segments)
             for i in range(n_layers):
-                x = outputs[i]
-                if computed is not None:  # [computed tokens, H] (see Llama.forward)
-                    x = model_lib.to_rows(x, computed)
+                x = layout.to_batch(outputs[i])  # a block's output is [computed tokens, H] (TokenLayout)
                 at_end = x.gather(1, last[..., None].expand(-1, -1, hidden))  # [B, 2, H]
                 feats[rows, :, i] = rm.model.norm(at_end).float()
     finally:

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 import data
 import eval as ev
+import generation
 import model as model_lib
 from tests.tiny import tiny_ckpt
 
@@ -246,7 +247,7 @@ def test_llamaguard_judge_feeds_bos_once_and_the_template(tmp_path, monkeypatch)
         seen["ids"] = prompts
         return [[{"text": t, "ids": [], "finished": True}] for t in ("safe", "unsafe\nO3")]
 
-    monkeypatch.setattr(model_lib, "generate", fake_generate)
+    monkeypatch.setattr(generation, "generate", fake_generate)
     out = judge.judge(["Q1", "Q2"], ["A1", "A2"])
     assert [o["verdict"] for o in out] == ["safe", "unsafe"] and out[1]["categories"] == ["O3"]
     ids = seen["ids"][0]

@@ -12,6 +12,8 @@ from safetensors.torch import load_file, save_file
 import data
 import dpo
 import eval as ev
+import generation
+import lora
 import model as model_lib
 import sft
 from tests.tiny import tiny_ckpt
@@ -162,7 +164,7 @@ def test_non_finite_weights_are_never_saved_as_state(ckpt, prefs, tmp_path):
         lr, epochs, max_steps, batch_size, grad_accum, max_len, weight_decay = 1e-3, 1.0, 0, 1, 1, 64, 0.0
         warmup_ratio, max_grad_norm, lora_rank, lora_dropout, log_every, save_every = 0.1, 1.0, 0, 0.0, 1, 1
         warmup_steps = -1
-        lora_alpha, save_adapter, lora_targets = 16.0, False, ",".join(model_lib.LORA_TARGETS)
+        lora_alpha, save_adapter, lora_targets = 16.0, False, ",".join(lora.LORA_TARGETS)
 
     run = common.Run(Args())
     model = model_lib.load_model(ckpt)
@@ -178,7 +180,7 @@ def test_eval_killed_in_its_second_benchmark_leaves_no_results_json(ckpt, tmp_pa
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     a.write_text('{"prompt": "How do I pick a lock?"}\n')
     b.write_text('{"prompt": "What is a fox?"}\n')
-    real, calls = model_lib.generate, {"n": 0}
+    real, calls = generation.generate, {"n": 0}
 
     def dies_second(*args, **kw):
         calls["n"] += 1
@@ -186,7 +188,7 @@ def test_eval_killed_in_its_second_benchmark_leaves_no_results_json(ckpt, tmp_pa
             raise KeyboardInterrupt
         return real(*args, **kw)
 
-    monkeypatch.setattr(model_lib, "generate", dies_second)
+    monkeypatch.setattr(generation, "generate", dies_second)
     with pytest.raises(KeyboardInterrupt):
         ev.evaluate([f"m={ckpt}"], [a], benign=[b], out=tmp_path / "o", max_new_tokens=4)
     assert not (tmp_path / "o" / "results.json").exists()  # pipeline.py would take it for a finished stage
@@ -198,7 +200,7 @@ def test_eval_killed_in_its_second_benchmark_leaves_no_results_json(ckpt, tmp_pa
         ev.evaluate([f"m={ckpt}"], [a], benign=[b], out=tmp_path / "o", max_new_tokens=5, resume=True)
     calls["n"] = 0
     counted = []
-    monkeypatch.setattr(model_lib, "generate", lambda *a_, **kw: counted.append(1) or real(*a_, **kw))
+    monkeypatch.setattr(generation, "generate", lambda *a_, **kw: counted.append(1) or real(*a_, **kw))
     res = ev.evaluate([f"m={ckpt}"], [a], benign=[b], out=tmp_path / "o", max_new_tokens=4, resume=True)
     assert len(counted) == 1  # only the benchmark the killed run lacked was generated
     assert set(res["results"]["m"]) == {"a", "b"} and res["results"]["m"]["a"] == partial["results"]["m"]["a"]
@@ -210,7 +212,7 @@ def test_eval_killed_in_its_second_benchmark_leaves_no_results_json(ckpt, tmp_pa
 def test_a_prompt_longer_than_the_positions_is_refused(ckpt):
     m, tok = model_lib.load_model(ckpt), data.load_tokenizer(ckpt)
     with pytest.raises(ValueError, match=r"prompt 1 has \d+ tokens: .* max_position_embeddings 256"):
-        model_lib.generate(m, tok, ["short", "word " * 400], max_new_tokens=4)
+        generation.generate(m, tok, ["short", "word " * 400], max_new_tokens=4)
 
 
 def test_the_shard_index_wins_over_a_stale_copy_and_a_torn_index_is_named(tmp_path):

@@ -6,6 +6,9 @@ import pytest
 import torch
 
 import data
+import generation
+from kernels import packed_linear
+import lora
 import model as model_lib
 from tests.tiny import random_model, tiny_ckpt, tiny_config
 
@@ -86,9 +89,10 @@ def test_kv_cache_forward_equals_full_forward():
     ids, mask = left_padded_batch(320)
     with torch.no_grad():
         full = m(ids, mask)
-        cache = model_lib.KVCache(m.config, 3, 40, "cpu", torch.float32)
-        first = m(ids[:, :30], mask[:, :30], cache=cache, start=0)
-        rest = [m(ids[:, t:t + 1], mask[:, t:t + 1], cache=cache, start=t) for t in range(30, 40)]
+        cache = generation.KVCache(m.config, 3, 40, "cpu", torch.float32)
+        first = m(ids[:, :30], mask[:, :30], cache=cache)
+        rest = [m(ids[:, t:t + 1], mask[:, t:t + 1], cache=cache) for t in range(30, 40)]  # the cache knows where
+    assert cache.length == 40
     stepped = torch.cat([first] + rest, dim=1)
     real = mask.bool()
     assert (stepped[real] - full[real]).abs().max().item() < 1e-4
@@ -132,7 +136,7 @@ def test_a_beginning_every_row_shares_runs_once_and_trains_as_each_row_alone(che
     rows = [common + torch.randint(3, 320, (n,), generator=g).tolist() for n in (9, 1, 4)]
     rows.append(list(rows[0]))  # a row twice: every slot alike
     ids, mask = data.right_pad(rows, 0)
-    computed = model_lib.token_rows(ids, mask.bool())
+    computed = m.token_layout(ids, mask.bool())
     assert len(computed.keep) == int(mask.sum()) - 3 * len(common)  # the beginning once, not 4 times
     assert_batch_trains_as_its_rows_alone(m, ids, mask)
 
@@ -148,7 +152,32 @@ def test_shared_prefix_length():
     assert model_lib.shared_prefix_length(ids, left_padded) == 0
     segments = torch.tensor([[0, 0, 1, 1], [0, 1, 1, 1], [0, 0, 1, 1]])
     assert model_lib.shared_prefix_length(ids, valid, segments) == 1  # row 1's slot 1 is in another segment
-    assert model_lib.token_rows(ids[:1], valid[:1]) is None  # nothing to skip
+    assert model_lib.TokenLayout.of(ids[:1], valid[:1]).keep is None  # nothing to skip
+
+
+def test_token_layout_round_trip_and_switches():
+    """to_tokens then to_batch gives back every computed slot (shared slots
+    from row 0, zeros at padding); the model's switches turn the skipping off,
+    and with both off every slot is computed (the layout is the identity)."""
+    ids = torch.tensor([[5, 6, 7, 8], [5, 6, 9, 0], [5, 6, 7, 2]])
+    valid = ids != 0
+    layout = model_lib.TokenLayout.of(ids, valid)
+    assert (layout.shared, layout.num_tokens(ids)) == (2, 11 - 4)  # 2 shared slots once, padding skipped
+    x = torch.arange(12.0).view(3, 4, 1) + 1
+    back = layout.to_batch(layout.to_tokens(x))
+    want = torch.where(valid[..., None], x, 0.0)
+    want[1:, :2] = x[:1, :2]
+    assert torch.equal(back, want)
+    assert model_lib.TokenLayout.of(ids, valid, share_prefix=False).num_tokens(ids) == 11
+    assert model_lib.TokenLayout.of(ids, valid, skip_padding=False).num_tokens(ids) == 12 - 4
+    dense = model_lib.TokenLayout.of(ids, valid, skip_padding=False, share_prefix=False)
+    assert dense.keep is None and dense.to_tokens(x) is x and dense.to_batch(x) is x
+    m = random_model(6)
+    with torch.no_grad():
+        fast = m(ids, valid.long())
+        m.skip_padding = m.share_prefix = False
+        plain = m(ids, valid.long())
+    assert (fast[valid] - plain[valid]).abs().max().item() < 1e-5
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
@@ -167,7 +196,7 @@ def test_pair_rows_compute_each_answer_as_prompt_plus_answer_alone(checkpointing
            "rejected_ids": torch.randint(3, 320, (r,), generator=g).tolist(), "index": i}
           for i, (n, c, r) in enumerate([(7, 5, 9), (1, 3, 2), (12, 10, 4)])]  # a one-token prompt too
     batch = data.collate_pairs(ex, pad_id=0)
-    computed = model_lib.token_rows(batch["input_ids"], batch["attention_mask"].bool(), batch["segments"])
+    computed = m.token_layout(batch["input_ids"], batch["attention_mask"].bool(), batch["segments"])
     assert len(computed.keep) == int(batch["attention_mask"].sum()) - 2 * common
     hidden = m(batch["input_ids"], batch["attention_mask"], return_hidden=True, segments=batch["segments"])
     seg = batch["segments"]
@@ -205,7 +234,7 @@ def test_generate_greedy_matches_naive_loop_with_left_padding(tmp_path):
     # first prompt a stop id, so that row stops early while the others go on.
     third = naive_greedy(m, data.encode_prompt(tok, prompts[0]), 3, set())[2]
     tok = dataclasses.replace(tok, stop_ids=tok.stop_ids | {third})
-    res = model_lib.generate(m, tok, prompts, max_new_tokens=12, batch_size=3)
+    res = generation.generate(m, tok, prompts, max_new_tokens=12, batch_size=3)
     assert res[0][0]["finished"] and len(res[0][0]["ids"]) <= 2
     for p, r in zip(prompts, res):
         want = naive_greedy(m, data.encode_prompt(tok, p), 12, tok.stop_ids)
@@ -219,9 +248,9 @@ def test_generate_sampling_is_seeded_and_shares_prefix(tmp_path):
     ckpt = tiny_ckpt(tmp_path / "m", seed=5)
     m, tok = model_lib.load_model(ckpt), data.load_tokenizer(ckpt)
     kw = dict(max_new_tokens=10, temperature=0.85, top_p=0.95, num_samples=4, batch_size=8)
-    a = model_lib.generate(m, tok, ["Hi", "What is the capital?"], seed=7, **kw)
-    b = model_lib.generate(m, tok, ["Hi", "What is the capital?"], seed=7, **kw)
-    c = model_lib.generate(m, tok, ["Hi", "What is the capital?"], seed=8, **kw)
+    a = generation.generate(m, tok, ["Hi", "What is the capital?"], seed=7, **kw)
+    b = generation.generate(m, tok, ["Hi", "What is the capital?"], seed=7, **kw)
+    c = generation.generate(m, tok, ["Hi", "What is the capital?"], seed=8, **kw)
     assert a == b and a != c
     assert [len(r) for r in a] == [4, 4]
     assert len({tuple(s["ids"]) for s in a[0]}) > 1  # the K samples differ
@@ -237,12 +266,12 @@ def test_packed_linear_equals_linear_and_is_put_back():
     lin = torch.nn.Linear(24, 40)
     x = torch.randn(3, 5, 24, generator=g)
     with torch.inference_mode():
-        torch.testing.assert_close(model_lib.PackedLinear(lin.weight, lin.bias, rows=3)(x), lin(x),
+        torch.testing.assert_close(packed_linear.PackedLinear(lin.weight, lin.bias, rows=3)(x), lin(x),
                                    rtol=1e-5, atol=1e-5)
     m = random_model(7)
-    model_lib.add_lora(m, rank=2, targets=("q_proj",))
+    lora.add_lora(m, rank=2, targets=("q_proj",))
     before = dict(m.named_modules())
-    with model_lib.packed_linears(m, rows=4):
+    with packed_linear.packed_linears(m, rows=4):
         kinds = {type(mod).__name__ for name, mod in m.named_modules() if name.endswith(("k_proj", "q_proj"))}
         assert kinds == {"PackedLinear", "LoRALinear"}  # LoRA layers are left alone
     after = dict(m.named_modules())
@@ -255,23 +284,23 @@ def test_generate_packed_equals_unpacked(tmp_path):
     m, tok = model_lib.load_model(ckpt), data.load_tokenizer(ckpt)
     prompts = ["Hi", "What is the capital of France?"]
     kw = dict(max_new_tokens=10, temperature=0.85, top_p=0.95, num_samples=2, seed=3)
-    assert model_lib.generate(m, tok, prompts, pack=True, **kw) == model_lib.generate(m, tok, prompts, pack=False, **kw)
+    assert generation.generate(m, tok, prompts, pack=True, **kw) == generation.generate(m, tok, prompts, pack=False, **kw)
 
 
 def test_sample_next_top_p_and_top_k():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     g = torch.Generator().manual_seed(0)
-    draws = {model_lib.sample_next(logits, 1.0, top_p=0.7, generator=g).item() for _ in range(200)}
+    draws = {generation.sample_next(logits, 1.0, top_p=0.7, generator=g).item() for _ in range(200)}
     assert draws == {0, 1}  # 0.5 < 0.7 so token 1 is needed; 0.8 >= 0.7 so token 2 is not
-    draws = {model_lib.sample_next(logits, 1.0, top_k=1, generator=g).item() for _ in range(50)}
+    draws = {generation.sample_next(logits, 1.0, top_k=1, generator=g).item() for _ in range(50)}
     assert draws == {0}
-    assert model_lib.sample_next(logits, 0.0).item() == 0
+    assert generation.sample_next(logits, 0.0).item() == 0
     # Only the 2 most likely are sorted: they hold 0.8 >= 0.7, so the answer is the same.
-    draws = {model_lib.sample_next(logits, 1.0, top_p=0.7, generator=g, candidates=2).item() for _ in range(200)}
+    draws = {generation.sample_next(logits, 1.0, top_p=0.7, generator=g, candidates=2).item() for _ in range(200)}
     assert draws == {0, 1}
     # A flat distribution's nucleus is wider than 16 candidates: the full sort takes over.
     flat = torch.zeros(1, 5000)
-    draws = {model_lib.sample_next(flat, 1.0, top_p=0.9, generator=g, candidates=16).item() for _ in range(200)}
+    draws = {generation.sample_next(flat, 1.0, top_p=0.9, generator=g, candidates=16).item() for _ in range(200)}
     assert len(draws) > 150
 
 

@@ -9,6 +9,7 @@ from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 
 import data
 import eval as eval_lib
+import generation
 import model as model_lib
 import raft
 from tests.tiny import CHATML, CORPUS, SPECIAL, random_model
@@ -122,8 +123,8 @@ def test_one_iteration_raises_fresh_reward_and_resume_skips_it(tmp_path):
     prompts = data.load_prompts(PROMPTS)[:16]
 
     def fresh_reward(folder):  # other prompts' order and another seed than the RAFT sampling
-        out = model_lib.generate(model_lib.load_model(folder), tok, prompts, max_new_tokens=16, temperature=1.0,
-                                 num_samples=8, seed=123, batch_size=64)
+        out = generation.generate(model_lib.load_model(folder), tok, prompts, max_new_tokens=16, temperature=1.0,
+                                  num_samples=8, seed=123, batch_size=64)
         return sum(s["text"].count("fox") for row in out for s in row) / (16 * 8)
 
     argv = ["--ckpt", str(ckpt), "--prompts", PROMPTS, "--reward", "count:fox", "--out", str(tmp_path / "raft"),

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import data
+import generation
 import gguf_convert
 import model as model_lib
 
@@ -45,7 +46,7 @@ def test_logits_equal_transformers_reading_the_gguf_itself(smol):
 
 def test_greedy_answer_knows_paris(smol):
     m, tok = smol
-    out = model_lib.generate(m, tok, ["What is the capital of France?"], max_new_tokens=20)
+    out = generation.generate(m, tok, ["What is the capital of France?"], max_new_tokens=20)
     assert "Paris" in out[0][0]["text"]
 
 
