@@ -11,6 +11,7 @@ Layout of a run's --out DIR:
     state/trainer.pt    resumable state (weights, optimiser, schedule, RNG, step),
                         replaced atomically every --save-every steps
     state/ref_logps.pt  dpo.py --ref precompute: reference log-probs per pair
+    finished.json       written last, once the final model is complete (is_finished)
 
 Loss normalisation, the same under gradient accumulation and DDP: the step's
 global batch (all micro-batches on all ranks) is known before the first
@@ -19,6 +20,7 @@ per-pair (DPO) losses divided by the count over the whole global step. Summing
 over micro-batches and ranks then gives exactly the one-big-batch mean; DDP
 averages gradients over ranks, so each rank multiplies its loss by world size.
 """
+import contextlib
 import ctypes
 import json
 import math
@@ -37,29 +39,44 @@ import lora
 import model as model_lib
 
 
-def write_atomic(path, text: str):
-    """Write `text` to `path` so that a reader sees the old file or the new one, never half of it."""
+@contextlib.contextmanager
+def replacing(path):
+    """`with replacing(path) as tmp:` write the new file to `tmp`; on leaving
+    the block it replaces `path` in one step (os.replace), so a reader sees the
+    old file or the new one, never half of it. On an error the old file stays
+    and `tmp` is removed."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_atomic(path, text: str):
+    """Write `text` to `path` through `replacing`."""
+    with replacing(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 # ----------------------------------------------------------------------------
 # Arguments
 
-def add_common_args(ap, lr: float):
+def add_model_args(ap):
+    """The starting model and its prompt format (every training script)."""
     ap.add_argument("--ckpt", default=model_lib.DEFAULT_CKPT, help="HF-layout folder, or 'smollm2' (default)")
-    ap.add_argument("--data", action="append", required=True, help="training file (repeat for several)")
-    ap.add_argument("--out", required=True, help="run folder (final checkpoint, logs, state/)")
     ap.add_argument("--template", default=None, help=data.TEMPLATE_HELP)
     ap.add_argument("--system", default=None, help=data.SYSTEM_HELP)
+
+
+def add_optimizer_args(ap, lr: float):
+    """AdamW, the schedule and the batch (every training script, reward.py included)."""
     ap.add_argument("--lr", type=float, default=lr)
     ap.add_argument("--weight-decay", type=float, default=0.0)
     ap.add_argument("--epochs", type=float, default=1.0)
     ap.add_argument("--max-steps", type=int, default=0, help="> 0: this many optimiser steps (overrides --epochs)")
     ap.add_argument("--batch-size", type=int, default=8, help="examples (DPO: pairs) per micro-batch, all ranks together")
-    ap.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimiser step")
     ap.add_argument("--max-len", type=int, default=512)
     ap.add_argument("--warmup-ratio", type=float, default=0.1)
     ap.add_argument("--warmup-steps", type=int, default=-1, help=">= 0 overrides --warmup-ratio")
@@ -67,6 +84,15 @@ def add_common_args(ap, lr: float):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", choices=("fp32", "bf16", "auto"), default="fp32",
                     help="bf16 = autocast, fp32 master weights; auto = bf16 where the hardware has bf16 matmuls")
+
+
+def add_common_args(ap, lr: float):
+    """sft.py's and dpo.py's arguments (each adds its own)."""
+    add_model_args(ap)
+    ap.add_argument("--data", action="append", required=True, help="training file (repeat for several)")
+    ap.add_argument("--out", required=True, help="run folder (final checkpoint, logs, state/)")
+    add_optimizer_args(ap, lr)
+    ap.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimiser step")
     ap.add_argument("--grad-checkpointing", action="store_true",
                     help="recompute activations in backward (least memory; fastest that way when run as "
                          "THP_MEM_ALLOC_ENABLE=1 python ..., see return_freed_memory)")
@@ -158,8 +184,28 @@ def check_out_folder(args):
 # ----------------------------------------------------------------------------
 # Distributed (torchrun sets RANK / WORLD_SIZE / LOCAL_RANK)
 
+def setup(args) -> "Run":
+    """Runtime set-up, first thing in each training script's main; every
+    change it makes is here:
+      * with --grad-checkpointing, glibc returns freed memory (return_freed_memory);
+      * --dtype auto becomes bf16 or fp32 for this device (native_bf16), in args
+        itself, so train_config.json records what ran;
+      * the arguments and the output folder are checked before any work is done.
+    Returns the Run (rank, world size, device, output folder)."""
+    run = Run(args)
+    if getattr(args, "grad_checkpointing", False):
+        return_freed_memory()  # the mode that trades time for memory; see there
+    if getattr(args, "dtype", None) == "auto":
+        args.dtype = "bf16" if native_bf16(run.device) else "fp32"
+    if run.main:
+        check_args(args)
+        check_out_folder(args)
+        run.state_dir.mkdir(parents=True, exist_ok=True)
+    return run
+
+
 class Run:
-    """Rank, world size, device and output folder of this process."""
+    """Rank, world size, device and output folder of this process (setup() makes it)."""
 
     def __init__(self, args):
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -174,19 +220,10 @@ class Run:
         else:
             self.device = torch.device("cpu")
         self.main = self.rank == 0
-        if getattr(args, "grad_checkpointing", False):
-            return_freed_memory()  # the mode that trades time for memory; see there
-        if getattr(args, "dtype", None) == "auto":
-            args.dtype = "bf16" if native_bf16(self.device) else "fp32"
-        if self.main:  # before any work is done (after `auto` is resolved, as train_config.json records it)
-            check_args(args)
-            check_out_folder(args)
         self.out = Path(args.out)
         self.state_dir = self.out / "state"
         self.saved_step = None  # the step of the state in state/trainer.pt, once one is saved
         self.due_state = None  # (step, RNG states) of a state to write once the next step checks out
-        if self.main:
-            self.state_dir.mkdir(parents=True, exist_ok=True)
 
     def sum(self, x: torch.Tensor) -> torch.Tensor:
         """Sum of a tensor over ranks (itself when single-process)."""
@@ -380,6 +417,7 @@ def save_state(run, model, opt, sched, step: int, rngs=None):
     renamed, so a crash leaves the previous state whole."""
     rngs = rngs or rng_states(run)
     if run.main:
+        run.state_dir.mkdir(parents=True, exist_ok=True)
         trainable = {k: v for k, v in model.state_dict().items() if k in _trainable_names(model)}
         if not all(torch.isfinite(v).all() for v in trainable.values()):
             run.print(f"step {step}: weights are not finite; state/ keeps step {run.saved_step}'s state")
@@ -387,9 +425,8 @@ def save_state(run, model, opt, sched, step: int, rngs=None):
             return
         state = {"step": step, "model": trainable, "optimizer": opt.state_dict(),
                  "scheduler": sched.state_dict(), "rng": rngs}
-        tmp = run.state_dir / "trainer.pt.tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, run.state_dir / "trainer.pt")
+        with replacing(run.state_dir / "trainer.pt") as tmp:
+            torch.save(state, tmp)
         run.saved_step = step
     run.barrier()
 
@@ -446,10 +483,24 @@ def write_due_state(run, model, opt, sched):
         plot_curves(run)
 
 
+FINISHED = "finished.json"
+
+
+def mark_finished(folder, **info):
+    """Written last into a run folder whose final model is complete (is_finished reads it)."""
+    write_atomic(Path(folder) / FINISHED, json.dumps({"finished": True, **info}) + "\n")
+
+
+def is_finished(folder) -> bool:
+    return (Path(folder) / FINISHED).is_file()
+
+
 def finish(run, model, args) -> str:
-    """Final checkpoint and curves into OUT; returns OUT."""
+    """Final checkpoint and curves into OUT, then the finished marker; returns OUT."""
     save_final(run, model, model.ckpt_dir, args)
     plot_curves(run)
+    if run.main:
+        mark_finished(run.out)
     run.print(f"saved {run.out}")
     run.close()
     return str(run.out)
@@ -475,7 +526,7 @@ def save_final(run, model, tokenizer_dir, args):
         shutil.rmtree(stale)
     model_lib.save_model(model, tmp, tokenizer_dir=tokenizer_dir)
     save_template_file(tmp, args)
-    for f in sorted(tmp.iterdir(), key=lambda f: f.name == "config.json"):  # config.json last
+    for f in tmp.iterdir():
         os.replace(f, run.out / f.name)
     tmp.rmdir()
 
@@ -527,13 +578,29 @@ class StepLog:
                 f.write(json.dumps(row) + "\n")
 
 
-def check_finite(loss: float, grad_norm: float, step: int, run):
+def optimizer_step(model, opt, sched, loss: float, step: int, args, run=None) -> tuple[float, float]:
+    """The end of every training step, after the backward passes: clip the
+    gradient (--max-grad-norm), stop before a non-finite loss or gradient
+    reaches the weights, write a state that is due (run's, when given), step
+    the optimiser and the schedule, clear the gradients. -> (grad norm, lr used)."""
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf")))
+    check_finite(loss, grad_norm, step, run)
+    if run is not None:
+        write_due_state(run, model, opt, sched)
+    lr = sched.get_last_lr()[0]
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return grad_norm, lr
+
+
+def check_finite(loss: float, grad_norm: float, step: int, run=None):
     """Stop before a NaN/inf reaches the weights; state/ keeps the last good step."""
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
         raise FloatingPointError(
             f"step {step}: loss={loss} grad_norm={grad_norm} is not finite; stopped before the optimiser step. "
             + (f"The last state whose weights still gave a finite loss and gradient is {run.state_dir / 'trainer.pt'} "
-               f"(step {run.saved_step}); " if run.saved_step is not None else "No state was saved; ")
+               f"(step {run.saved_step}); " if run is not None and run.saved_step is not None else "No state was saved; ")
             + "try a lower --lr, "
             "--dtype fp32, or check the data with `python data.py show`.")
 

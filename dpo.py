@@ -22,22 +22,19 @@ model skips padding and runs the beginning all rows share (the chat
 template's system prompt) once per batch, batches are length-grouped, and
 the log-probs come from the hidden states chunk by chunk (--logprob-impl
 chunked, the default off GPU) so the [B, T, V] logits never exist. Least memory:
-`THP_MEM_ALLOC_ENABLE=1 python dpo.py --grad-checkpointing ...` (one step on
-4 PKU pairs: 0.33 of TRL's DPOTrainer's memory, 2.6x faster; README).
+`THP_MEM_ALLOC_ENABLE=1 python dpo.py --grad-checkpointing ...` (measured
+against TRL's DPOTrainer in docs/performance.md).
 
 Openings (--opening-words N): every answer is cut to its first N words and
 left open (no end-of-turn token), so the whole loss is on how the answer
 begins. A safety pair's decision, decline or help, is made there; with whole
-answers most of the loss goes to the rest. On the demo data the decision then
-ranked held-out prompts better than after any whole-answer run, and more so
-with more prompts (README). Pairs given with --whole-data keep their whole
-answers all the same (an anchor for how whole answers go on).
+answers most of the loss goes to the rest (how this was chosen:
+docs/dpo_recipe.md). Pairs given with --whole-data keep their whole answers
+all the same (an anchor for how whole answers go on).
 
 Learning rate: the paper's 5e-7 is for 7B models and thousands of steps. A
-demo run here is tens of steps, so the default is 5e-6 (full fine-tuning):
-on SmolLM2-135M and demo_data/prefs_train.jsonl, 12 steps of 8 pairs took the
-loss from log 2 to ~0.3 and the reward margin to ~1 (accuracy ~0.9). With
-LoRA use ~1e-4 (the adapters start at zero and move slowly).
+demo run here is tens of steps, so the default is 5e-6 (full fine-tuning).
+With LoRA use ~1e-4 (the adapters start at zero and move slowly).
 """
 import argparse
 import collections
@@ -45,7 +42,6 @@ import contextlib
 import copy
 import hashlib
 import json
-import sys
 import time
 
 import torch
@@ -108,6 +104,19 @@ def pair_logps(net, weight, batch, device, args):
                  for k in ("chosen_mask", "rejected_mask"))
 
 
+def pair_logps_plain(model, examples, pad_id, average=False):
+    """pair_logps' plain twin, the layout DPO is usually written in: chosen
+    and rejected stacked as [2B, T] rows (prompt + answer, right-padded), full
+    logits [2B, T, V], losses.sequence_logps. Each prompt runs twice and the
+    logits exist whole; the numbers and gradients are pair_logps' own
+    (tests/test_sft_dpo.py). Returns chosen [B], rejected [B]."""
+    answers = [(e["prompt_ids"], e[k]) for k in ("chosen_ids", "rejected_ids") for e in examples]
+    ids, att = data.right_pad([p + a for p, a in answers], pad_id)  # [2B, T]: all chosen rows, then all rejected
+    trained = data.right_pad([[0] * len(p) + [1] * len(a) for p, a in answers], 0)[0].bool()
+    logps = losses.sequence_logps(model(ids, att), ids, trained, average)  # [2B]
+    return logps[:len(examples)], logps[len(examples):]
+
+
 @torch.no_grad()
 def precompute_reference(model, train, rows, tok, args, run, out):
     """Fill out[i] = (log ref(chosen), log ref(rejected)) for the pairs in
@@ -165,8 +174,8 @@ def reference_cache(model, train, steps, tok, args, run):
     if missing:
         precompute_reference(model, train, missing, tok, args, run, logps)
         if run.main:
-            torch.save({"key": key, "logps": logps.cpu()}, file.with_suffix(".tmp"))
-            file.with_suffix(".tmp").replace(file)
+            with common.replacing(file) as tmp:
+                torch.save({"key": key, "logps": logps.cpu()}, tmp)
         run.barrier()
     return logps
 
@@ -197,10 +206,10 @@ def anchor_hidden(net, batch, device):
     return losses.response_hidden(net(ids, att, return_hidden=True), mask)
 
 
-def anchor_rows(step, n, per_step, seed):
+def anchor_indices(step, n, per_step, seed):
     """The anchor examples of optimiser step `step`: a seeded shuffle of the n
     examples, walked per_step at a time (reshuffled on every pass), so the plan
-    is a pure function of the step and a resumed run draws the same rows."""
+    is a pure function of the step and a resumed run draws the same examples."""
     import random
 
     out = []
@@ -231,7 +240,7 @@ def check_dpo_args(args):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     check_dpo_args(args)
-    run = common.Run(args)
+    run = common.setup(args)
     common.seed_everything(args.seed + run.rank)
     tok = data.load_tokenizer(args.ckpt, args.template, args.system)
     load_stats = {}
@@ -289,24 +298,25 @@ def main(argv=None):
         totals = torch.zeros(1 + len(metric_names), device=run.device)  # loss, then metrics, summed over pairs
         seen = 0
         if anchor:  # the KL anchor: its own small batch, the same for every micro-batch split of the step
-            rows = anchor_rows(step, len(anchor), args.anchor_batch_size, args.seed)[run.rank::run.world]
-            batch = data.collate_sft([anchor[i] for i in rows], tok.pad_id)
-            defer = net.no_sync() if run.world > 1 else contextlib.nullcontext()  # synced by the last pair batch
-            with defer, common.autocast(args, run.device):
+            local = anchor_indices(step, len(anchor), args.anchor_batch_size, args.seed)[run.rank::run.world]
+            batch = data.collate_sft([anchor[i] for i in local], tok.pad_id)
+            sync_later = net.no_sync() if run.world > 1 else contextlib.nullcontext()  # synced by the last pair batch
+            with sync_later, common.autocast(args, run.device):
                 hidden, _ = anchor_hidden(net, batch, run.device)
-                ref = [torch.cat(parts) for parts in zip(*(targets[i] for i in rows))]
+                ref = [torch.cat(parts) for parts in zip(*(targets[i] for i in local))]
                 kl = losses.top_k_kl(hidden, model.lm_head_weight, *ref).mean()  # per answer token
                 (args.anchor_weight * kl).backward()
             totals[-1] += kl.detach() * step_pairs / run.world  # logged as a mean over ranks
             seen += int(batch["attention_mask"].sum())
-        for k, rows in enumerate(micro):
-            mine = rows[run.rank::run.world]
-            batch = data.collate_pairs([train[i] for i in mine], tok.pad_id)
-            defer = net.no_sync() if run.world > 1 and k < len(micro) - 1 else contextlib.nullcontext()
-            with defer, common.autocast(args, run.device):
+        for k, indices in enumerate(micro):
+            local = indices[run.rank::run.world]  # this rank's pairs of the micro-batch
+            batch = data.collate_pairs([train[i] for i in local], tok.pad_id)
+            # DDP all-reduces gradients after the last micro-batch only
+            sync_later = net.no_sync() if run.world > 1 and k < len(micro) - 1 else contextlib.nullcontext()
+            with sync_later, common.autocast(args, run.device):
                 chosen, rejected = pair_logps(net, model.lm_head_weight, batch, run.device, args)  # [b], [b]
                 if ref_logps is not None:
-                    ref_chosen, ref_rejected = ref_logps[mine, 0], ref_logps[mine, 1]
+                    ref_chosen, ref_rejected = ref_logps[local, 0], ref_logps[local, 1]
                 elif ref_model is not None:
                     with torch.no_grad(), lora.lora_disabled(ref_model):
                         ref_chosen, ref_rejected = pair_logps(ref_model, ref_model.lm_head_weight, batch,
@@ -320,26 +330,20 @@ def main(argv=None):
                     chosen, rejected, ref_chosen, ref_rejected, args.beta, args.loss, args.label_smoothing,
                     reference_free=args.reference_free, nll_weight=args.nll_weight,
                     chosen_tokens=chosen_tokens)  # [b]
-                pair_losses = pair_losses * weights[mine]
+                pair_losses = pair_losses * weights[local]
                 loss = pair_losses.sum() / step_pairs
                 (loss * run.world).backward()
-            b = len(mine)
+            b = len(local)
             totals[:1 + len(pair_metrics)] += torch.stack([pair_losses.detach().sum()]
                                                           + [metrics[n] * b for n in pair_metrics]).float()
             seen += int(batch["attention_mask"].sum())
         totals = run.sum(totals) / step_pairs
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
-        common.check_finite(float(totals[0]), float(grad_norm), step + 1, run)
-        common.write_due_state(run, model, opt, sched)
-        lr = sched.get_last_lr()[0]
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        grad_norm, lr = common.optimizer_step(model, opt, sched, float(totals[0]), step + 1, args, run)
 
         tokens = int(run.sum(torch.tensor(seen)))
         row = {"step": step + 1, "loss": float(totals[0]),
                **{n: float(v) for n, v in zip(metric_names, totals[1:])},
-               "lr": lr, "grad_norm": float(grad_norm), "tokens": tokens,
+               "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
                "tokens_per_s": tokens / (time.time() - t0), "s_per_step": time.time() - t0}
         log.write(row)
         bar.update(1)

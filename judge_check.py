@@ -27,7 +27,6 @@ import argparse
 import csv
 import json
 import math
-import os
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -238,8 +237,8 @@ def fit_learned(labels, out, backbone="smollm2", layers=None, l2=0.01, models=No
     fitted = (probe_logits(probe, x) > 0).tolist()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.float().contiguous() for k, v in probe.items()}, str(out / "probe.safetensors.tmp"))
-    os.replace(out / "probe.safetensors.tmp", out / "probe.safetensors")  # a reader sees a whole file or none
+    with common.replacing(out / "probe.safetensors") as tmp:  # a reader sees a whole file or none
+        save_file({k: v.float().contiguous() for k, v in probe.items()}, str(tmp))
     config = {"backbone": str(backbone), "layers": layers, "l2": l2, "max_answer_tokens": max_answer,
               "with_patterns": with_patterns,
               "features": f"mean of the answer's hidden states (first {max_answer} tokens) after "

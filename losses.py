@@ -16,16 +16,11 @@ import os
 import torch
 import torch.nn.functional as F
 
-from kernels.logprobs_chunked import logprobs_from_hidden_chunked, logprobs_from_hidden_reference
+from kernels.logprobs_chunked import (IGNORE_INDEX, acc_dtype, logprobs_from_hidden_chunked,
+                                      logprobs_from_hidden_reference)
 
-IGNORE_INDEX = -100
 LOGPROB_IMPLS = ("auto", "naive", "chunked", "triton")
 DPO_LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge")
-
-
-def _acc_dtype(dtype):
-    """fp32 for bf16/fp16/fp32 inputs, fp64 for fp64 (so gradcheck can run)."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 # ----------------------------------------------------------------------------- log-probs
@@ -50,7 +45,7 @@ def token_logps(logits, labels, loss_mask):
     mask = loss_mask[:, 1:].bool()
     # masked labels are replaced by 0 so gather never sees an out-of-range id
     targets = torch.where(mask, labels[:, 1:], 0)
-    logp = logits[:, :-1].to(_acc_dtype(logits.dtype)).log_softmax(-1)  # [B, T-1, V]
+    logp = logits[:, :-1].to(acc_dtype(logits.dtype)).log_softmax(-1)  # [B, T-1, V]
     picked = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [B, T-1]
     return torch.where(mask, picked, 0.0)
 

@@ -43,7 +43,8 @@ from pathlib import Path
 # A 10-step SIT run here: 11% faster, 4% more memory. PyTorch reads it once.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
-import dpo  # noqa: E402 (after the line above)
+import common as common_lib  # noqa: E402 (after the line above)
+import dpo  # noqa: E402
 import eval as evaluation  # noqa: E402
 import raft  # noqa: E402
 import sft  # noqa: E402
@@ -149,8 +150,8 @@ def distill(base: str, out: Path, quick: bool):
     raft.write_jsonl(out / "prefs_ordinary.jsonl", pairs)
     raft.write_jsonl(out / "ordinary_answers.jsonl", [{"prompt": p, "response": a} for p, a in keep])
     raft.write_jsonl(out / "prefs_openings.jsonl", openings)
-    # written last: its presence marks the stage done
     common.write_atomic(out / "sit_train.json", json.dumps(sit, ensure_ascii=False, indent=1) + "\n")
+    common.mark_finished(out)
     print(f"[distill] {len(keep)} of {len(ordinary)} ordinary answers kept; "
           f"{len(benign)} benign openings from the base model", flush=True)
 
@@ -197,7 +198,7 @@ def main(argv=None):
                 run_eval({"base": args.ckpt}, evals["base"], args)
         elif stage == "distill":
             clock.header(i, "distill", "the base model answers ordinary instructions (SIT and DPO targets)")
-            if not (out / "distill" / "sit_train.json").is_file():
+            if not common_lib.is_finished(out / "distill"):
                 distill(args.ckpt, out / "distill", args.quick)
         elif stage in ("sit", "dpo", "raft"):
             what = {"sit": "safety instruction tuning (SFT on safety demonstrations + instructions)",
@@ -205,8 +206,7 @@ def main(argv=None):
                     "raft": "reward-ranked fine-tuning: sample K, keep the best, fine-tune"}[stage]
             clock.header(i, stage, what)
             folder = out / stage
-            done = (folder / "iter_1" / "config.json") if stage == "raft" else (folder / "config.json")
-            if not done.is_file():
+            if not common_lib.is_finished(folder / "iter_1" if stage == "raft" else folder):
                 start = args.ckpt if stage == "sit" else ckpts["sit"]
                 common = ["--ckpt", start, "--out", str(folder), "--seed", "0"] + quiet
                 if stage != "raft" and (folder / "state" / "trainer.pt").is_file():

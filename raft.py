@@ -61,7 +61,6 @@ import json
 import math
 import random
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -193,7 +192,7 @@ def sft_argv(args, ckpt, kept_file, out_dir, iteration: int) -> list[str]:
             "--batch-size", str(args.sft_batch_size), "--grad-accum", str(args.sft_grad_accum),
             "--max-len", str(args.sft_max_len), "--seed", str(args.seed + iteration), "--save-every", "0",
             "--log-every", str(args.sft_log_every), "--dtype", args.sft_dtype,
-            "--overwrite"]  # an unfinished iteration (no config.json yet) is redone from scratch
+            "--overwrite"]  # an unfinished iteration (no finished marker) is redone from scratch
     if args.template:
         argv += ["--template", args.template]
     if args.system is not None:
@@ -260,7 +259,7 @@ def main(argv=None):
         raise ValueError("--k, --iterations and --prompts-per-iter must be >= 1")
     out = Path(args.out)
     log_file = out / "raft_log.jsonl"
-    finished = sorted(d.name for d in out.glob("iter_*") if (d / "config.json").is_file())
+    finished = sorted(d.name for d in out.glob("iter_*") if common.is_finished(d))
     if finished and not args.resume:  # an unfinished iteration is simply redone
         raise FileExistsError(f"{out} already holds finished RAFT iterations {finished}; pass --resume to "
                               "continue from them, or choose another --out")
@@ -279,7 +278,7 @@ def main(argv=None):
     ckpt, log = args.ckpt, []
     for it in range(1, args.iterations + 1):
         it_dir = out / f"iter_{it}"
-        if args.resume and (it_dir / "config.json").is_file():  # sft.py moves config.json in last
+        if args.resume and common.is_finished(it_dir):
             print(f"iteration {it}: {it_dir} is finished, skipping")
             lines = [r for r in old_log if r["iteration"] == it]
             if not lines and (it_dir / "raft_stats.json").is_file():  # killed before the log was written

@@ -192,7 +192,9 @@ def split_pairs(pairs, n_train: int, n_eval: int, seed: int):
 
 def build_parser():
     ap = argparse.ArgumentParser(description="Train a Bradley-Terry reward model on preference pairs.")
-    ap.add_argument("--ckpt", default=model_lib.DEFAULT_CKPT, help="causal LM to start from (HF folder or 'smollm2')")
+    common.add_model_args(ap)
+    common.add_optimizer_args(ap, lr=5e-5)
+    ap.set_defaults(max_len=256, warmup_ratio=0.05, dtype="fp32")
     ap.add_argument("--data", required=True, help="preference pairs (JSONL {prompt, chosen, rejected}, PKU, HH)")
     ap.add_argument("--out", required=True, help="folder for the reward model (HF LlamaForSequenceClassification)")
     ap.add_argument("--train-pairs", type=int, default=2000)
@@ -203,26 +205,11 @@ def build_parser():
                          "0: fit the head alone on the frozen backbone (a linear probe, see fit_head)")
     ap.add_argument("--head-l2", type=float, default=0.03,
                     help="--train-layers 0 or --probe-first: L2 penalty on the head, on standardised features "
-                         "(0.03 with --layers 17: bench/reward_depth.py's pick on 2,000 PKU training pairs)")
+                         "(how the default was chosen: docs/performance.md, reward model row)")
     ap.add_argument("--probe-first", action="store_true",
                     help="fit the head on the frozen backbone first (fit_head), then train the layers from there")
     ap.add_argument("--lora-rank", type=int, default=0, help="> 0: LoRA on the backbone (head trained fully)")
-    ap.add_argument("--lr", type=float, default=5e-5)
-    ap.add_argument("--weight-decay", type=float, default=0.0)
-    ap.add_argument("--epochs", type=float, default=1.0)
-    ap.add_argument("--max-steps", type=int, default=0, help="> 0: this many steps (overrides --epochs)")
-    ap.add_argument("--batch-size", type=int, default=8, help="pairs per step")
-    ap.add_argument("--max-len", type=int, default=256, help="training pairs longer than this are dropped")
-    ap.add_argument("--warmup-ratio", type=float, default=0.05)
-    ap.add_argument("--warmup-steps", type=int, default=-1)
-    ap.add_argument("--max-grad-norm", type=float, default=1.0)
     ap.add_argument("--eval-batch-size", type=int, default=16)
-    ap.add_argument("--dtype", choices=("fp32", "bf16", "auto"), default="fp32",
-                    help="bf16 = autocast (fp32 master weights), also for the held-out scoring; "
-                         "auto = bf16 where the hardware multiplies bf16 natively")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--template", default=None, help=data.TEMPLATE_HELP)
-    ap.add_argument("--system", default=None, help=data.SYSTEM_HELP)
     ap.add_argument("--log-every", type=int, default=10)
     return ap
 
@@ -311,18 +298,14 @@ def train_backbone(rm, train, steps, pad_id, autocast, args, t_start) -> list[di
     """The Bradley-Terry loop: one optimiser step per planned batch of pairs."""
     opt, sched = common.make_optimizer(rm, args, len(steps))
     log = []
-    for step, (rows,) in enumerate(steps):
-        batch = data.collate_pairs([train[i] for i in rows], pad_id)
+    for step, (indices,) in enumerate(steps):
+        batch = data.collate_pairs([train[i] for i in indices], pad_id)
         with autocast:
             rewards = rm.reward(batch["input_ids"], batch["attention_mask"], batch["segments"])  # [B, 2]
         loss, metrics = losses.reward_loss(rewards[:, 0].float(), rewards[:, 1].float())
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(rm.parameters(), args.max_grad_norm or float("inf"))
-        lr = sched.get_last_lr()[0]
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        log.append({"step": step + 1, "lr": lr, "grad_norm": float(grad_norm),
+        grad_norm, lr = common.optimizer_step(rm, opt, sched, float(loss.detach()), step + 1, args)
+        log.append({"step": step + 1, "lr": lr, "grad_norm": grad_norm,
                     **{k: float(v) for k, v in metrics.items()}, "elapsed_s": round(time.time() - t_start, 1)})
         if args.log_every and ((step + 1) % args.log_every == 0 or step + 1 == len(steps)):
             recent = log[-args.log_every:]
@@ -393,6 +376,7 @@ def main(argv=None):
     (out / "train_config.json").write_text(json.dumps(config, indent=2))
     (out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
     (out / "eval.json").write_text(json.dumps(result, indent=2))
+    common.mark_finished(out, heldout_accuracy=result["accuracy"])
     return result
 
 

@@ -12,7 +12,6 @@ Shared machinery (arguments, checkpoints, logs, DDP) is in common.py.
 """
 import argparse
 import contextlib
-import sys
 import time
 
 import torch
@@ -50,7 +49,7 @@ def load_examples(args):
 def main(argv=None):
     """Train; returns the output folder (raft.py calls this in-process)."""
     args = build_parser().parse_args(argv)
-    run = common.Run(args)
+    run = common.setup(args)
     common.seed_everything(args.seed + run.rank)
     tok = data.load_tokenizer(args.ckpt, args.template, args.system)
     examples, load_stats = load_examples(args)
@@ -75,12 +74,12 @@ def main(argv=None):
         step_tokens = sum(len(train[i]["input_ids"]) - train[i]["n_prompt"] for b in micro for i in b)
         loss_sum = torch.zeros((), device=run.device)
         seen = 0
-        for k, rows in enumerate(micro):
-            batch = data.collate_sft([train[i] for i in rows[run.rank::run.world]], tok.pad_id)
+        for k, indices in enumerate(micro):
+            batch = data.collate_sft([train[i] for i in indices[run.rank::run.world]], tok.pad_id)
             ids, att, mask = (batch[key].to(run.device) for key in ("input_ids", "attention_mask", "loss_mask"))
             # DDP all-reduces gradients after the last micro-batch only
-            defer = net.no_sync() if run.world > 1 and k < len(micro) - 1 else contextlib.nullcontext()
-            with defer, common.autocast(args, run.device):
+            sync_later = net.no_sync() if run.world > 1 and k < len(micro) - 1 else contextlib.nullcontext()
+            with sync_later, common.autocast(args, run.device):
                 hidden = net(ids, att, return_hidden=True)  # [b, T, H]
                 token_logps = losses.response_token_logps(hidden, model.lm_head_weight, ids, mask,
                                                           args.logprob_impl)  # [b, T-1]
@@ -89,22 +88,16 @@ def main(argv=None):
             loss_sum += metrics["loss"]
             seen += int(att.sum())
         loss_value = float(run.sum(loss_sum))
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
-        common.check_finite(loss_value, float(grad_norm), step + 1, run)
-        common.write_due_state(run, model, opt, sched)
-        lr = sched.get_last_lr()[0]
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        grad_norm, lr = common.optimizer_step(model, opt, sched, loss_value, step + 1, args, run)
 
         tokens = int(run.sum(torch.tensor(seen)))
-        row = {"step": step + 1, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
+        row = {"step": step + 1, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
                "tokens": tokens, "tokens_per_s": tokens / (time.time() - t0)}
         log.write(row)
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.4f}")
         if args.log_every and (step + 1) % args.log_every == 0:
-            run.print(f"step {step + 1}/{len(steps)} loss {loss_value:.4f} lr {lr:.2e} gnorm {float(grad_norm):.3f}")
+            run.print(f"step {step + 1}/{len(steps)} loss {loss_value:.4f} lr {lr:.2e} gnorm {grad_norm:.3f}")
         common.maybe_save_state(run, model, opt, sched, step + 1, len(steps), args)
     bar.close()
     return common.finish(run, model, args)

@@ -6,7 +6,7 @@ SmolLM2-135M, fp32 CPU, batch of 8 prompts x 120 new tokens, temperature 0.85,
 top-p 0.95 (the RAFT setting). Both sides are forced to produce every token
 (no early stop at EOS), so tokens/s counts the same work. Each side runs
 `repeats` times after one warm-up; the median is reported.
-Goal (issue 2): ours >= 1.5x transformers' tokens/s. "ours" packs the linear
+Goal: ours >= 1.5x transformers' tokens/s. "ours" packs the linear
 weights for oneDNN while generating (kernels.packed_linear.PackedLinear, the default on a CPU);
 "ours, unpacked" is the same code with plain F.linear, the way transformers runs.
 """

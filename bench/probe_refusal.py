@@ -4,7 +4,7 @@
 
 For every checkpoint, two ways to tell the held-out harmful prompts from the
 benign-but-risky ones, each as ROC AUC and as the share of harmful prompts
-caught when at most 15% of the benign ones are (issue 7's over-refusal limit):
+caught when at most 15% of the benign ones are (the over-refusal limit the project set itself):
 
 - "acts": the model's own decision, read where greedy decoding makes it: the
   probability that the answer's first token opens a refusal. The refusal

@@ -24,7 +24,7 @@ also used elsewhere (tied input embeddings) accumulates both contributions.
 
 import torch
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # the label of a position that is not trained (as PyTorch's cross_entropy default)
 CHUNK_BYTES = 64 * 2**20  # fp32 logits per chunk: tens of MB, far below N x V
 MIN_CHUNK = 256  # fewer rows make the CPU lm_head matmul up to 2x slower per token
 
@@ -37,7 +37,8 @@ def default_chunk_size(vocab_size):
     return max(MIN_CHUNK, CHUNK_BYTES // (4 * vocab_size))
 
 
-def _acc_dtype(dtype):
+def acc_dtype(dtype):
+    """The dtype sums are taken in: fp64 stays fp64 (so gradcheck can run), everything else fp32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -52,7 +53,7 @@ class ChunkedLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, ignore_index, chunk_size):
         N = hidden.shape[0]
-        acc = _acc_dtype(hidden.dtype)
+        acc = acc_dtype(hidden.dtype)
         ignored = labels == ignore_index
         # ignored rows gather column 0 (always in range) and are zeroed afterwards
         safe_labels = labels.masked_fill(ignored, 0)
@@ -129,7 +130,7 @@ def logprobs_from_hidden_chunked(hidden, weight, labels, ignore_index=IGNORE_IND
 
 def logprobs_from_hidden_reference(hidden, weight, labels, ignore_index=IGNORE_INDEX):
     """Plain twin: hidden @ weight.T, log_softmax, gather. [N, H], [V, H], [N] -> [N]."""
-    acc = _acc_dtype(hidden.dtype)
+    acc = acc_dtype(hidden.dtype)
     ignored = labels == ignore_index
     logp = (hidden @ weight.T).to(acc).log_softmax(-1)  # [N, V]
     picked = logp.gather(-1, labels.masked_fill(ignored, 0).unsqueeze(-1)).squeeze(-1)

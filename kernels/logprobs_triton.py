@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-IGNORE_INDEX = -100
+from kernels.logprobs_chunked import IGNORE_INDEX, acc_dtype
 
 
 @triton.jit
@@ -100,10 +100,9 @@ def _logprobs_bwd_kernel(logits_ptr, labels_ptr, grad_out_ptr, max_ptr, logsum_p
 
 
 def _acc_dtypes(dtype):
-    """(torch, triton) accumulation dtypes: fp64 stays fp64, everything else fp32."""
-    if dtype == torch.float64:
-        return torch.float64, tl.float64
-    return torch.float32, tl.float32
+    """(torch, triton) accumulation dtypes (kernels.logprobs_chunked.acc_dtype)."""
+    acc = acc_dtype(dtype)
+    return acc, tl.float64 if acc == torch.float64 else tl.float32
 
 
 class FusedLogprobs(torch.autograd.Function):

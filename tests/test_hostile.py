@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import common
 import data
 import dpo
 import eval as ev
@@ -148,7 +149,7 @@ def test_empty_jsonl_prompt_and_non_utf8_file(tmp_path):
 def test_a_torn_last_log_line_is_dropped_on_resume(ckpt, prefs, tmp_path):
     out = tmp_path / "run"
     dpo.main(argv(ckpt, prefs, out, "--max-steps", 3, "--save-every", 2))
-    (out / "config.json").unlink()  # as if killed after step 3 began writing its line
+    (out / common.FINISHED).unlink()  # as if killed after step 3 began writing its line
     with open(out / "log.jsonl", "a") as f:
         f.write('{"step": 4, "lo')
     dpo.main(argv(ckpt, prefs, out, "--max-steps", 3, "--save-every", 2, "--resume"))
@@ -157,7 +158,6 @@ def test_a_torn_last_log_line_is_dropped_on_resume(ckpt, prefs, tmp_path):
 
 
 def test_non_finite_weights_are_never_saved_as_state(ckpt, prefs, tmp_path):
-    import common
 
     class Args:
         out, resume, overwrite = str(tmp_path / "run"), False, False

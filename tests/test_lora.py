@@ -1,4 +1,4 @@
-"""LoRA in model.py: starts as the base model, merges exactly, saves/loads as an
+"""LoRA (lora.py): starts as the base model, merges exactly, saves/loads as an
 adapter, switches off for the DPO reference; dpo.py trains with it."""
 import json
 import math

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import common
 import data
 import dpo
 import losses
@@ -58,7 +59,7 @@ def test_dpo_first_loss_is_log2_and_toy_preference_is_learned(ckpt, toy_prefs, t
     assert {"rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "lr", "grad_norm",
             "tokens_per_s"} <= set(rows[0])
     out = tmp_path / "run"
-    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file() and common.is_finished(out)
     assert (out / "curves.png").is_file() and json.loads((out / "train_config.json").read_text())["beta"] == 0.1
     assert (out / "state" / "ref_logps.pt").is_file()
 
@@ -129,6 +130,34 @@ def test_optimizer_is_fused_adamw_on_cpu_and_steps_like_the_loop():
         torch.testing.assert_close(pa, pb, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("impl", ["naive", "chunked"])
+def test_pair_rows_give_the_plain_twins_logps_and_gradients(impl):
+    """dpo.pair_logps (one row per pair, prompt once, padding and shared
+    beginnings skipped, log-probs from hidden states) against its plain twin
+    (chosen and rejected as [2B, T] rows, full logits, every slot computed)."""
+    from tests.tiny import random_model
+
+    g = torch.Generator().manual_seed(3)
+    start = torch.randint(3, 320, (4,), generator=g).tolist()  # a beginning every prompt shares
+    ex = [{"prompt_ids": start + torch.randint(3, 320, (n,), generator=g).tolist(),
+           "chosen_ids": torch.randint(3, 320, (c,), generator=g).tolist(),
+           "rejected_ids": torch.randint(3, 320, (r,), generator=g).tolist(), "index": i}
+          for i, (n, c, r) in enumerate([(6, 5, 9), (1, 3, 2), (10, 7, 4)])]
+    m = random_model(2).train()
+    cli = dpo.build_parser().parse_args(["--data", "x", "--out", "y", "--logprob-impl", impl])
+    fast = dpo.pair_logps(m, m.lm_head_weight, data.collate_pairs(ex, 0), "cpu", cli)
+    (fast[0] - 2 * fast[1]).sum().backward()
+    grads = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    m.skip_padding = m.share_prefix = False
+    plain = dpo.pair_logps_plain(m, ex, pad_id=0)
+    (plain[0] - 2 * plain[1]).sum().backward()
+    for f, p in zip(fast, plain):
+        assert (f - p).abs().max().item() < 1e-4
+    for n, p in m.named_parameters():
+        assert (p.grad - grads[n]).abs().max().item() < 1e-4 * max(1.0, grads[n].abs().max().item()), n
+
+
 def test_dpo_reference_model_equals_precompute(ckpt, toy_prefs, tmp_path):
     dpo.main(args(ckpt, toy_prefs, tmp_path / "pre", "--max-steps", 3, "--lr", 1e-3))
     dpo.main(args(ckpt, toy_prefs, tmp_path / "mod", "--max-steps", 3, "--lr", 1e-3, "--ref", "model",
@@ -150,11 +179,11 @@ def test_top_k_kl_is_the_full_kl_with_every_token_and_a_lower_bound_with_fewer()
     torch.testing.assert_close(same, torch.zeros(5), atol=1e-6, rtol=0)  # no divergence from itself
 
 
-def test_anchor_rows_walk_every_example_once_per_pass_and_depend_only_on_the_step():
-    rows = [dpo.anchor_rows(s, 5, 2, seed=0) for s in range(5)]  # 10 draws: two passes over 5 examples
+def test_anchor_indices_walk_every_example_once_per_pass_and_depend_only_on_the_step():
+    rows = [dpo.anchor_indices(s, 5, 2, seed=0) for s in range(5)]  # 10 draws: two passes over 5 examples
     flat = [i for r in rows for i in r]
     assert sorted(flat[:5]) == sorted(flat[5:]) == list(range(5)) and flat[:5] != flat[5:]
-    assert dpo.anchor_rows(3, 5, 2, seed=0) == rows[3] and dpo.anchor_rows(3, 5, 2, seed=1) != rows[3]
+    assert dpo.anchor_indices(3, 5, 2, seed=0) == rows[3] and dpo.anchor_indices(3, 5, 2, seed=1) != rows[3]
 
 
 def test_dpo_anchor_starts_at_zero_kl_and_keeps_the_anchor_answers_closer(ckpt, toy_prefs, memo_set, tmp_path):
