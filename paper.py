@@ -297,8 +297,8 @@ def main(argv=None):
             continue
         elapsed = time.time() - clock_start
         left = sum(EXPECTED_MINUTES[kind_of(s)] for s in plan[i:])
-        if done_minutes:
-            left *= elapsed / 60 / done_minutes  # this machine's speed against the reference run
+        if done_minutes >= 1:  # this machine's speed against the reference run, once there is some to go by
+            left *= elapsed / 60 / done_minutes
         print(f"\n=== [{i + 1}/{len(plan)}] {stage}  (elapsed {elapsed / 60:.1f} min, about {left:.0f} min left)",
               flush=True)
         if stage == "report":
