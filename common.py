@@ -329,23 +329,16 @@ def return_freed_memory():
     By default glibc serves allocations above a threshold with their own
     mapping, but raises that threshold (up to 32 MiB) each time such a block
     is freed; after that, freed activations and gradients stay in the heap,
-    fragmented, and the process's memory grows step after step (two DPO
-    steps on SmolLM2 with checkpointing: 3.7 GB peak instead of 2.8).
-    Fixing the threshold at 128 KiB keeps every large tensor in its own
-    mapping, returned at free.
-    The price is time: each fresh mapping's pages fault in anew, and a step
-    allocates gigabytes of temporaries (one DPO step on SmolLM2 without
-    checkpointing, 2 cores: about 1.4x slower for 10% less memory). So the
-    training scripts call this only with --grad-checkpointing, the option
-    that already asks for memory over speed.
+    fragmented, and the process's memory grows step after step. Fixing the
+    threshold at 128 KiB keeps every large tensor in its own mapping,
+    returned at free. The price is time (each fresh mapping's pages fault in
+    anew), so the training scripts call this only with --grad-checkpointing,
+    the option that already asks for memory over speed.
     Nothing happens on other C libraries; the environment variable
-    MALLOC_MMAP_THRESHOLD_ overrides it.
-
-    Faster, and as small: THP_MEM_ALLOC_ENABLE=1 in the environment before
-    Python starts makes PyTorch place every tensor of 2 MiB or more on 2 MiB
-    pages (transparent huge pages), 512 times fewer page faults; glibc's
-    default heap then stays compact enough, so nothing is changed here.
-    Measured with bench/bench_dpo.py (path fast-gc-thp; README)."""
+    MALLOC_MMAP_THRESHOLD_ overrides it, and so does THP_MEM_ALLOC_ENABLE=1
+    (PyTorch then puts tensors of 2 MiB or more on transparent huge pages, and
+    glibc's default heap stays compact). What each costs and saves:
+    docs/performance.md, "The allocator"."""
     if sys.platform != "linux" or "MALLOC_MMAP_THRESHOLD_" in os.environ \
             or os.environ.get("THP_MEM_ALLOC_ENABLE") == "1":
         return

@@ -39,8 +39,8 @@ import time
 from pathlib import Path
 
 # Set before torch loads (the stage scripts import it): PyTorch then puts
-# tensors of 2 MiB or more on transparent huge pages, far fewer page faults.
-# A 10-step SIT run here: 11% faster, 4% more memory. PyTorch reads it once.
+# tensors of 2 MiB or more on transparent huge pages, far fewer page faults
+# (docs/performance.md, "The allocator"). PyTorch reads it once.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import common as common_lib  # noqa: E402 (after the line above)

@@ -11,9 +11,9 @@ class PackedLinear(nn.Module):
     F.linear lets the BLAS library repack the whole weight into its blocked
     layout on every call, which costs more than the multiplication itself;
     here the weight is reordered once into oneDNN's layout (for `rows` rows),
-    and each step reuses it: about 2x faster for SmolLM2's decoding steps on
-    2 cores (bench/bench_generate.py). The price is a second copy of the
-    weights while it lives.
+    and each step reuses it (bench/bench_generate.py measures it,
+    docs/performance.md). The price is a second copy of the weights while it
+    lives.
     """
 
     def __init__(self, weight, bias=None, rows=16):
