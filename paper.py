@@ -2,7 +2,7 @@
 RAFT with a trained reward model, each checkpoint measured for safety and for
 helpfulness.
 
-    python paper.py                  # sizes for 2 CPU cores (SIZES["cpu"]; README says how long)
+    python paper.py                  # sizes for 2 CPU cores (SIZES["cpu"]; docs/paper.md says how long)
     python paper.py --sizes full     # the paper's sizes, for a GPU
     python paper.py --sizes quick    # a smoke run: a few steps and items per stage
 
@@ -65,8 +65,9 @@ SIZES = {
               "raft_prompts": 2, "raft_k": 2, "raft_tokens": 8, "harmful": 2, "benign": 2, "ordinary": 2,
               "references": 2, "mcq": 4, "max_steps": 2, "rm_layers": 1},
 }
-# Minutes per stage on 2 CPU cores at SIZES["cpu"] (the README's run), for the time-left estimate.
-EXPECTED_MINUTES = {"data": 0.1, "sit": 9.0, "reward": 6.0, "dpo": 10.0, "raft": 5.0, "eval": 5.0, "report": 0.1}
+# Minutes per stage on 2 CPU cores at SIZES["cpu"] (docs/paper.md's run; "sit" the mean of
+# the four), for the time-left estimate.
+EXPECTED_MINUTES = {"data": 0.1, "sit": 5.8, "reward": 2.4, "dpo": 7.2, "raft": 2.0, "eval": 5.5, "report": 0.1}
 
 
 def sample(items, n, seed):
