@@ -57,7 +57,8 @@ SIZES = {
     "cpu": {"alpaca": 600, "n_safety": [0, 100, 300, 1000], "dpo_pairs": 600, "rm_pairs": 1000,
             "rm_eval_pairs": 300, "raft_prompts": 48, "raft_k": 4, "raft_tokens": 120, "harmful": 100,
             "benign": 60, "ordinary": 40, "references": 40, "mcq": 200, "max_steps": 0, "rm_layers": 17},
-    "full": {"alpaca": 5000, "n_safety": [0, 100, 300, 500, 1000, 1500, 2000], "dpo_pairs": None,
+    # full: 4,500 of the shared 5,000 Alpaca instructions; the rest give the reference answers
+    "full": {"alpaca": 4500, "n_safety": [0, 100, 300, 500, 1000, 1500, 2000], "dpo_pairs": None,
              "rm_pairs": 2000, "rm_eval_pairs": 1000, "raft_prompts": 500, "raft_k": 8, "raft_tokens": 120,
              "harmful": None, "benign": None, "ordinary": None, "references": 200, "mcq": None, "max_steps": 0,
              "rm_layers": 17},
