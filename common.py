@@ -495,6 +495,7 @@ def finish(run, model, args) -> str:
     if run.main:
         mark_finished(run.out)
     run.print(f"saved {run.out}")
+    run.barrier()  # no rank tears the process group down while another is still writing
     run.close()
     return str(run.out)
 
