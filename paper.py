@@ -78,10 +78,6 @@ def sample(items, n, seed):
     return [items[i] for i in sorted(random.Random(seed).sample(range(len(items)), n))]
 
 
-def write_jsonl(path, rows):
-    common.write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-
-
 def prepare_data(out: Path, size: dict, seed: int):
     """The grid's own samples of the shared data, written once (what every stage reads)."""
     alpaca = json.loads((SHARED / "alpaca_5000.json").read_text(encoding="utf-8"))
@@ -101,14 +97,14 @@ def prepare_data(out: Path, size: dict, seed: int):
     folder = out / "data"
     folder.mkdir(parents=True, exist_ok=True)
     common.write_atomic(folder / "alpaca_train.json", json.dumps(train, ensure_ascii=False, indent=1) + "\n")
-    write_jsonl(folder / "alpaca_reference.jsonl", refs)
-    write_jsonl(folder / "xstest_safe.jsonl", [{"prompt": p} for p in sample(safe, size["benign"], seed)])
-    write_jsonl(folder / "alpaca_eval.jsonl", sample(ordinary, size["ordinary"], seed))
-    write_jsonl(folder / "dpo_pairs.jsonl", pairs)
-    write_jsonl(folder / "raft_prompts.jsonl", [{"prompt": p} for p in raft_prompts])
+    raft.write_jsonl(folder / "alpaca_reference.jsonl", refs)
+    raft.write_jsonl(folder / "xstest_safe.jsonl", [{"prompt": p} for p in sample(safe, size["benign"], seed)])
+    raft.write_jsonl(folder / "alpaca_eval.jsonl", sample(ordinary, size["ordinary"], seed))
+    raft.write_jsonl(folder / "dpo_pairs.jsonl", pairs)
+    raft.write_jsonl(folder / "raft_prompts.jsonl", [{"prompt": p} for p in raft_prompts])
     for name in HARMFUL:  # I-Controversial has 40 prompts, I-MaliciousInstructions 100, I-CoNa 178
         prompts = sample(data.load_prompts(SHARED / name), size["harmful"], seed)
-        write_jsonl(folder / (Path(name).stem + ".jsonl"), [{"prompt": p} for p in prompts])
+        raft.write_jsonl(folder / (Path(name).stem + ".jsonl"), [{"prompt": p} for p in prompts])
     common.mark_finished(folder, alpaca_train=len(train), references=len(refs), dpo_pairs=len(pairs),
                          raft_prompts=len(raft_prompts))
 
@@ -267,9 +263,8 @@ def plot_curve(table, size, path):
     b.set(xlabel="safety demonstrations n", ylabel="acc_norm %", title="SIT: helpfulness against n")
     b.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    with common.replacing(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
 
 
