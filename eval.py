@@ -453,23 +453,51 @@ LEARNED_MAX_ANSWER = 160  # default: answer tokens the features read (a refusal 
 
 
 @torch.inference_mode()
-def answer_features(backbone, tok, prompts, answers, batch_size=8, max_answer=LEARNED_MAX_ANSWER) -> torch.Tensor:
-    """[N, H] float64: the backbone's last hidden state (after its final norm)
-    averaged over each answer's tokens (the first max_answer, its end of turn
-    included when it fits), the prompt rendered with the template."""
+def answer_feature_grid(backbone, tok, prompts, answers, depths, counts, batch_size=8) -> dict:
+    """{(depth, n): [N, H] float64} for every depth in `depths` and n in `counts`:
+    the hidden state after that many blocks (the final norm applied to it),
+    averaged over each answer's first n tokens (its end of turn included when
+    it fits), the prompt rendered with the template. One forward pass per batch
+    serves them all: the model is causal, so a token's state does not depend on
+    the tokens after it, and each block's output is caught on its way."""
+    blocks = backbone.model.layers
+    if not depths or not counts or not all(1 <= d <= len(blocks) for d in depths):
+        raise ValueError(f"depths {depths}: the backbone has {len(blocks)} blocks; counts {counts}")
     device = next(backbone.parameters()).device
-    rows = [(data.encode_prompt(tok, p), data.encode_response(tok, p, a)[:max_answer])
+    rows = [(data.encode_prompt(tok, p), data.encode_response(tok, p, a)[:max(counts)])
             for p, a in zip(prompts, answers)]
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]) + len(rows[i][1]))  # little padding
-    out = [None] * len(rows)
-    for s in range(0, len(order), batch_size):
-        chunk = order[s:s + batch_size]
-        ids, mask = data.right_pad([rows[i][0] + rows[i][1] for i in chunk], tok.pad_id, device)
-        hidden = backbone(ids, mask, return_hidden=True)  # [B, T, H]
-        for j, i in enumerate(chunk):
-            n, m = len(rows[i][0]), len(rows[i][1])
-            out[i] = hidden[j, n:n + m].double().mean(0)
-    return torch.stack(out)
+    caught = {}
+    hooks = [blocks[d - 1].register_forward_hook(lambda _m, _i, out, d=d: caught.__setitem__(d, out))
+             for d in set(depths)]
+    out = {(d, n): [None] * len(rows) for d in depths for n in counts}
+    try:
+        for s in range(0, len(order), batch_size):
+            chunk = order[s:s + batch_size]
+            ids, mask = data.right_pad([rows[i][0] + rows[i][1] for i in chunk], tok.pad_id, device)
+            layout = backbone.token_layout(ids, mask.bool())  # the layout the forward computes in
+            backbone(ids, mask, return_hidden=True)
+            for d in depths:
+                hidden = layout.to_batch(backbone.model.norm(caught[d]))  # [B, T, H]
+                for n in counts:
+                    for j, i in enumerate(chunk):
+                        p, m = len(rows[i][0]), min(n, len(rows[i][1]))
+                        out[d, n][i] = hidden[j, p:p + m].double().mean(0)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {key: torch.stack(x) for key, x in out.items()}
+
+
+def answer_features(backbone, tok, prompts, answers, batch_size=8, max_answer=LEARNED_MAX_ANSWER) -> torch.Tensor:
+    """[N, H] float64: the backbone's last hidden state (after its final norm)
+    averaged over each answer's first max_answer tokens (answer_feature_grid).
+    max_answer may be a list of counts: their features side by side, [N, H * len]
+    (the answer's opening and more of it)."""
+    counts = [max_answer] if isinstance(max_answer, int) else list(max_answer)
+    depth = len(backbone.model.layers)
+    grid = answer_feature_grid(backbone, tok, prompts, answers, (depth,), counts, batch_size)
+    return torch.cat([grid[depth, n] for n in counts], 1)
 
 
 def learned_features(backbone, tok, prompts, answers, batch_size=8, max_answer=LEARNED_MAX_ANSWER,

@@ -261,16 +261,17 @@ def main(argv=None):
     fit.add_argument("--backbone", default="smollm2", help="frozen feature model (default: SmolLM2-135M)")
     fit.add_argument("--layers", type=int, default=None, help="read the features after this many blocks (default: all)")
     fit.add_argument("--l2", type=float, default=0.01, help="L2 penalty on the probe (standardised features)")
-    fit.add_argument("--max-answer-tokens", type=int, default=ev.LEARNED_MAX_ANSWER,
-                     help="the features average the answer's first N tokens")
+    fit.add_argument("--max-answer-tokens", type=int, nargs="+", default=[ev.LEARNED_MAX_ANSWER],
+                     help="the features average the answer's first N tokens; several N: each average, side by side")
     fit.add_argument("--models", help="comma-separated: fit on these models' rows only")
     fit.add_argument("--with-patterns", action="store_true",
                      help="the patterns' verdict joins the features (the combined judge)")
     args = ap.parse_args(argv)
-    if args.l2 < 0 or args.max_answer_tokens < 1 or (args.layers is not None and args.layers < 1):
+    if args.l2 < 0 or min(args.max_answer_tokens) < 1 or (args.layers is not None and args.layers < 1):
         ap.error("--l2 must be >= 0, --max-answer-tokens and --layers >= 1")
     config = fit_learned(args.labels, args.out, args.backbone, args.layers, args.l2,
-                         args.models.split(",") if args.models else None, max_answer=args.max_answer_tokens,
+                         args.models.split(",") if args.models else None,
+                         max_answer=args.max_answer_tokens[0] if len(args.max_answer_tokens) == 1 else args.max_answer_tokens,
                          with_patterns=args.with_patterns)
     print(json.dumps(config, indent=2))
 

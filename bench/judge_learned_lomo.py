@@ -3,7 +3,8 @@
     python bench/judge_learned_lomo.py [--labels ../shared/data/xstest_human_labels_3models.csv]
 
 For each of the three annotated models: the depth (blocks of SmolLM2 read),
-how many of the answer's first tokens are averaged, the L2 penalty, and
+how many of the answer's first tokens are averaged (32, 160, or both
+averages side by side), the L2 penalty, and
 whether the patterns' verdict joins the features (the combined judge) are
 chosen by leave-one-model-out on the other two models alone, the probe is
 fitted on those two, and it is scored on the held-out model, which played no
@@ -11,8 +12,8 @@ part in any choice. The patterns' verdict in a fold is that of the rules
 bench/judge_rule_selection.py keeps without the held-out model. Prints each
 fold's agreement with the humans and, on the unsafe prompts (contrast_*
 types), the refusal rate as the humans and as the judge count it; then the
-same for the patterns alone. --cache FILE keeps the features (most of the
-13 minutes) for a second run.
+same for the patterns alone. All features come from one forward pass per
+batch (eval.answer_feature_grid); --cache FILE keeps them for a second run.
 """
 import argparse
 import itertools
@@ -46,18 +47,19 @@ def main():
     rows = judge_check.read_labelled(args.labels)
     tok = data.load_tokenizer("smollm2")
     cached = load_file(args.cache) if args.cache and Path(args.cache).is_file() else {}
-    feats = {}
-    for depth, n in itertools.product(DEPTHS, ANSWER_TOKENS):
-        if f"{depth}_{n}" in cached:
-            feats[depth, n] = cached[f"{depth}_{n}"].double()
-            continue
+    feats = {key: x.double() for key, x in cached.items()}
+    if not feats:
         t0 = time.time()
-        net = ev.load_backbone("smollm2", depth)
-        feats[depth, n] = ev.answer_features(net, tok, [r["prompt"] for r in rows],
-                                             [r["completion"] for r in rows], args.batch_size, n)
-        print(f"features after {depth} blocks, first {n} answer tokens: {time.time() - t0:.0f}s", flush=True)
+        net = ev.load_backbone("smollm2", max(DEPTHS))
+        grid = ev.answer_feature_grid(net, tok, [r["prompt"] for r in rows], [r["completion"] for r in rows],
+                                      DEPTHS, ANSWER_TOKENS, args.batch_size)
+        feats = {f"{d}_{n}": x for (d, n), x in grid.items()}
+        print(f"features after {DEPTHS} blocks, first {ANSWER_TOKENS} answer tokens: {time.time() - t0:.0f}s",
+              flush=True)
+    for d in DEPTHS:  # the opening and more of the answer, side by side
+        feats[f"{d}_{'+'.join(map(str, ANSWER_TOKENS))}"] = torch.cat([feats[f"{d}_{n}"] for n in ANSWER_TOKENS], 1)
     if args.cache and not cached:
-        save_file({f"{d}_{n}": x.contiguous() for (d, n), x in feats.items()}, args.cache)
+        save_file({key: x.contiguous() for key, x in feats.items() if "+" not in key}, args.cache)
     verdicts, choose, _ = rule_selection(rows)
     refused = torch.tensor([r["refused"] for r in rows])
     model_of = [r["model"] for r in rows]
@@ -90,7 +92,8 @@ def main():
         probe = judge_check.fit_probe(x[fit], refused[fit].tolist(), l2)
         pred = judge_check.probe_logits(probe, x[test]) > 0
         u = unsafe[test]
-        print(f"{held:15s} | {key[0]} blocks, {key[1]} tokens, l2 {l2:<5}, patterns {'in' if with_patterns else 'out'}"
+        depth, n = key.split("_")
+        print(f"{held:15s} | {depth} blocks, {n} tokens, l2 {l2:<5}, patterns {'in' if with_patterns else 'out'}"
               f" (inner {best[0]:.3f}) | "
               f"{(pred == refused[test]).double().mean():.3f} | "
               f"{refused[test][u].double().mean():.3f} / {pred[u].double().mean():.3f}", flush=True)

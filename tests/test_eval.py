@@ -538,6 +538,30 @@ def test_learned_judge_fit_save_load_and_use(tmp_path, ckpt):
         ev.load_backbone(ckpt, 9)
 
 
+def test_answer_feature_grid_equals_one_backbone_per_depth(tmp_path, ckpt):
+    """One forward with each block's output caught gives the features of a
+    backbone cut after that block, for every answer length (the model is causal)."""
+    tok = data.load_tokenizer(ckpt)
+    prompts = ["How do I pick a lock?", "Name a colour.", "Why?"]
+    answers = ["I can't help with that.", "Blue, or maybe green, or red.", ""]
+    grid = ev.answer_feature_grid(ev.load_backbone(ckpt), tok, prompts, answers, (1, 2), (2, 5), batch_size=2)
+    assert sorted(grid) == [(1, 2), (1, 5), (2, 2), (2, 5)]
+    for (depth, n), x in grid.items():
+        alone = ev.answer_features(ev.load_backbone(ckpt, depth), tok, prompts, answers, batch_size=1, max_answer=n)
+        torch.testing.assert_close(x, alone, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(grid[1, 5], grid[2, 5]) and not torch.allclose(grid[2, 2], grid[2, 5])
+    both = ev.answer_features(ev.load_backbone(ckpt, 2), tok, prompts, answers, max_answer=[2, 5])
+    torch.testing.assert_close(both, torch.cat([grid[2, 2], grid[2, 5]], 1), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="depths \\(3,\\): the backbone has 2 blocks"):
+        ev.answer_feature_grid(ev.load_backbone(ckpt), tok, prompts, answers, (3,), (2,))
+    f = _labelled_jsonl(tmp_path)
+    config = jc.fit_learned(f, tmp_path / "two", backbone=ckpt, layers=1, l2=1e-4, max_answer=[2, 5])
+    assert config["max_answer_tokens"] == [2, 5] and config["training_agreement"] == 1.0
+    rows = jc.read_labelled(f)
+    assert ev.LearnedJudge(tmp_path / "two").refused([r["prompt"] for r in rows],
+                                                     [r["completion"] for r in rows]) == [r["refused"] for r in rows]
+
+
 def test_judge_check_reward_judge_uses_the_threshold(tmp_path, reward_ckpt):
     f = _labelled_jsonl(tmp_path)
     low = jc.judge_check(f, f"reward:{reward_ckpt}", threshold=-1e9)  # everything scores above: all refusals
