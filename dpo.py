@@ -72,6 +72,9 @@ def build_parser():
     ap.add_argument("--anchor-data", action="append", default=[], metavar="FILE",
                     help="instruction data (as sft.py reads it) on whose answers the policy is kept close to the "
                          "starting model: adds --anchor-weight x KL(start || policy) per answer token")
+    ap.add_argument("--anchor-ckpt", metavar="DIR",
+                    help="keep the policy close to this model on the anchor answers instead of the starting one "
+                         "(e.g. the model before SIT); it must share the policy's tokenizer")
     ap.add_argument("--anchor-weight", type=float, default=1.0, help="weight of the anchor's KL term")
     ap.add_argument("--anchor-batch-size", type=int, default=2, help="anchor answers per optimiser step")
     ap.add_argument("--anchor-top-k", type=int, default=64,
@@ -182,20 +185,30 @@ def reference_cache(model, train, steps, tok, args, run):
 
 @torch.no_grad()
 def anchor_targets(model, examples, args, run):
-    """The starting model's next-token distributions on every anchor answer
+    """The anchor model's next-token distributions on every anchor answer
     (losses.top_k_distribution), computed once before training: a list with
-    (ids [n, k], logps [n, k], rest [n]) for each example's n answer tokens."""
-    was_training = model.training
-    model.eval()
+    (ids [n, k], logps [n, k], rest [n]) for each example's n answer tokens.
+    The anchor model is the starting one (its weights before any step), or
+    --anchor-ckpt's."""
+    if args.anchor_ckpt:
+        source = model_lib.load_model(args.anchor_ckpt, dtype=torch.float32, device=run.device)
+        if source.config.vocab_size != model.config.vocab_size:
+            raise ValueError(f"--anchor-ckpt {args.anchor_ckpt}: vocabulary of {source.config.vocab_size} tokens, "
+                             f"the policy's has {model.config.vocab_size}; the anchor needs the same tokenizer")
+        adapters_off = contextlib.nullcontext()
+    else:
+        source, adapters_off = model, lora.lora_disabled(model)
+    was_training = source.training
+    source.eval()
     targets = []
-    with lora.lora_disabled(model), common.autocast(args, run.device):
+    with adapters_off, common.autocast(args, run.device):
         for s in range(0, len(examples), 2 * args.batch_size):
             batch = data.collate_sft(examples[s:s + 2 * args.batch_size], 0)
-            hidden, mask = anchor_hidden(model, batch, run.device)
-            ids, logps, rest = losses.top_k_distribution(hidden, model.lm_head_weight, args.anchor_top_k)
+            hidden, mask = anchor_hidden(source, batch, run.device)
+            ids, logps, rest = losses.top_k_distribution(hidden, source.lm_head_weight, args.anchor_top_k)
             counts = mask.sum(-1).tolist()  # answer tokens per row, in the row-major order of `hidden`
             targets += list(zip(ids.split(counts), logps.split(counts), rest.split(counts)))
-    model.train(was_training)
+    source.train(was_training)
     return targets
 
 
@@ -235,6 +248,8 @@ def check_dpo_args(args):
         raise ValueError(f"--anchor-batch-size {args.anchor_batch_size}: must be >= 1")
     if args.anchor_top_k < 1:
         raise ValueError(f"--anchor-top-k {args.anchor_top_k}: must be >= 1")
+    if args.anchor_ckpt and not args.anchor_data:
+        raise ValueError("--anchor-ckpt: needs --anchor-data (the answers the anchor reads)")
 
 
 def main(argv=None):
@@ -280,7 +295,7 @@ def main(argv=None):
     else:
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
 
-    targets = anchor_targets(model, anchor, args, run) if anchor else []  # from the starting weights
+    targets = anchor_targets(model, anchor, args, run) if anchor else []  # before the first step
 
     net = common.wrap_ddp(model, run)
     opt, sched = common.make_optimizer(model, args, len(steps))

@@ -213,6 +213,26 @@ def test_dpo_anchor_starts_at_zero_kl_and_keeps_the_anchor_answers_closer(ckpt, 
     assert kl_to_start(tmp_path / "anchored") < 0.5 * kl_to_start(tmp_path / "free")
 
 
+def test_dpo_anchor_ckpt_is_the_model_the_kl_is_taken_from(ckpt, toy_prefs, memo_set, tmp_path):
+    """With --anchor-ckpt the targets come from that model, not the starting one:
+    the first step's KL (logged before the update) is KL(anchor || start)."""
+    dpo.main(args(ckpt, toy_prefs, tmp_path / "moved", "--max-steps", 3, "--lr", 3e-3))
+    n = len(PROMPTS)
+    dpo.main(args(tmp_path / "moved", toy_prefs, tmp_path / "back", "--max-steps", 1, "--anchor-data", memo_set,
+                  "--anchor-batch-size", n, "--anchor-top-k", 16, "--anchor-ckpt", ckpt))
+    import model as model_lib
+    tok = data.load_tokenizer(ckpt)
+    batch = data.collate_sft(data.tokenize_sft(tok, data.load_instructions(memo_set), 256)[0], tok.pad_id)
+    anchor, start = model_lib.load_model(ckpt), model_lib.load_model(tmp_path / "moved")
+    with torch.no_grad():
+        ref = losses.top_k_distribution(dpo.anchor_hidden(anchor, batch, "cpu")[0], anchor.lm_head_weight, 16)
+        expected = float(losses.top_k_kl(dpo.anchor_hidden(start, batch, "cpu")[0], start.lm_head_weight, *ref).mean())
+    assert expected > 1e-3
+    assert log(tmp_path / "back")[0]["anchor/kl"] == pytest.approx(expected, rel=1e-3)
+    with pytest.raises(ValueError, match="--anchor-ckpt: needs --anchor-data"):
+        dpo.main(args(ckpt, toy_prefs, tmp_path / "bad", "--max-steps", 1, "--anchor-ckpt", ckpt))
+
+
 def test_dpo_anchor_arguments_are_checked(ckpt, toy_prefs, memo_set, tmp_path):
     for flag, value in (("--anchor-weight", -1.0), ("--anchor-batch-size", 0), ("--anchor-top-k", 0)):
         with pytest.raises(ValueError, match=f"{flag} {value}: must be"):
