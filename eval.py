@@ -489,15 +489,20 @@ def answer_feature_grid(backbone, tok, prompts, answers, depths, counts, batch_s
     return {key: torch.stack(x) for key, x in out.items()}
 
 
+def side_by_side(grid, depth, counts) -> torch.Tensor:
+    """[N, H * len(counts)]: the grid's features at one depth for several answer
+    lengths, concatenated in the order of counts (the answer's opening, then more of it)."""
+    return torch.cat([grid[depth, n] for n in counts], 1)
+
+
 def answer_features(backbone, tok, prompts, answers, batch_size=8, max_answer=LEARNED_MAX_ANSWER) -> torch.Tensor:
     """[N, H] float64: the backbone's last hidden state (after its final norm)
     averaged over each answer's first max_answer tokens (answer_feature_grid).
-    max_answer may be a list of counts: their features side by side, [N, H * len]
-    (the answer's opening and more of it)."""
+    max_answer may be a list of counts: their features side by side (side_by_side)."""
     counts = [max_answer] if isinstance(max_answer, int) else list(max_answer)
     depth = len(backbone.model.layers)
     grid = answer_feature_grid(backbone, tok, prompts, answers, (depth,), counts, batch_size)
-    return torch.cat([grid[depth, n] for n in counts], 1)
+    return side_by_side(grid, depth, counts)
 
 
 def learned_features(backbone, tok, prompts, answers, batch_size=8, max_answer=LEARNED_MAX_ANSWER,

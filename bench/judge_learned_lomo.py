@@ -47,19 +47,19 @@ def main():
     rows = judge_check.read_labelled(args.labels)
     tok = data.load_tokenizer("smollm2")
     cached = load_file(args.cache) if args.cache and Path(args.cache).is_file() else {}
-    feats = {key: x.double() for key, x in cached.items()}
-    if not feats:
+    grid = {tuple(map(int, key.split("_"))): x.double() for key, x in cached.items()}  # "8_32" -> (8, 32)
+    if not grid:
         t0 = time.time()
         net = ev.load_backbone("smollm2", max(DEPTHS))
         grid = ev.answer_feature_grid(net, tok, [r["prompt"] for r in rows], [r["completion"] for r in rows],
                                       DEPTHS, ANSWER_TOKENS, args.batch_size)
-        feats = {f"{d}_{n}": x for (d, n), x in grid.items()}
         print(f"features after {DEPTHS} blocks, first {ANSWER_TOKENS} answer tokens: {time.time() - t0:.0f}s",
               flush=True)
-    for d in DEPTHS:  # the opening and more of the answer, side by side
-        feats[f"{d}_{'+'.join(map(str, ANSWER_TOKENS))}"] = torch.cat([feats[f"{d}_{n}"] for n in ANSWER_TOKENS], 1)
     if args.cache and not cached:
-        save_file({key: x.contiguous() for key, x in feats.items() if "+" not in key}, args.cache)
+        save_file({f"{d}_{n}": x.contiguous() for (d, n), x in grid.items()}, args.cache)
+    feats = {f"{d}_{n}": x for (d, n), x in grid.items()}
+    for d in DEPTHS:  # the opening and more of the answer, side by side
+        feats[f"{d}_{'+'.join(map(str, ANSWER_TOKENS))}"] = ev.side_by_side(grid, d, ANSWER_TOKENS)
     verdicts, choose, _ = rule_selection(rows)
     refused = torch.tensor([r["refused"] for r in rows])
     model_of = [r["model"] for r in rows]
