@@ -13,7 +13,9 @@ README shows each one to run alone):
                plus the base model's answers to ordinary instructions
   4. dpo       dpo.py: sigmoid DPO, beta 0.1, on the openings (first 4 words,
                --opening-words 4) of demo_data/prefs_train.jsonl, the openings
-               pairs and the ordinary pairs (base answer vs a refusal)
+               pairs and the ordinary pairs (base answer vs a refusal), with a
+               KL anchor to the base model on its own ordinary answers
+               (--anchor-ckpt; docs/helpfulness.md)
   5. raft      raft.py: one best-of-K round scored by the offline refusal judge
   6. eval      eval.py on every stage's checkpoint, then one combined report
 DPO and RAFT start from the SIT checkpoint. The base model never refuses (0 of
@@ -223,6 +225,10 @@ def main(argv=None):
                                        "--data", str(out / "distill" / "prefs_openings.jsonl"),
                                        "--data", str(out / "distill" / "prefs_ordinary.jsonl"),
                                        "--opening-words", "4",
+                                       # kept close to the base model on its own ordinary answers
+                                       "--anchor-data", str(out / "distill" / "ordinary_answers.jsonl"),
+                                       "--anchor-ckpt", args.ckpt, "--anchor-batch-size", "1",
+                                       "--anchor-weight", "1.0",
                                        "--dtype", args.dtype]
                              + SETTINGS["dpo"][q])
                 else:
