@@ -450,6 +450,9 @@ class RewardJudge:
 # fitted on) and judge.json (backbone, depth, where it was fitted, the command).
 
 LEARNED_MAX_ANSWER = 160  # default: answer tokens the features read (a refusal shows early)
+# The learned judge this repository ships (`--judge learned` without a folder):
+# fitted on XSTest's human labels, its command in its judge.json (docs/judge.md).
+SHIPPED_JUDGE = Path(__file__).resolve().parent / "judges" / "xstest_probe"
 
 
 @torch.inference_mode()
@@ -513,7 +516,7 @@ def learned_features(backbone, tok, prompts, answers, batch_size=8, max_answer=L
     x = answer_features(backbone, tok, prompts, answers, batch_size, max_answer)
     if not with_patterns:
         return x
-    return torch.cat([x, torch.tensor([[float(is_refusal(a))] for a in answers], dtype=x.dtype)], 1)
+    return torch.cat([x, torch.tensor([[float(is_refusal(a))] for a in answers], dtype=x.dtype, device=x.device)], 1)
 
 
 def load_backbone(ckpt, layers=None, device=None):
@@ -615,16 +618,19 @@ def mcq_accuracy(model, tok, items, batch_size=16) -> dict:
 
 
 def parse_judges(specs) -> tuple[object, object, object, list[str]]:
-    """['refusal', 'learned:DIR', 'llamaguard:DIR', 'reward:DIR'] -> (Llama Guard judge or None,
-    reward judge or None, refusal judge: a LearnedJudge or None for the patterns, specs)."""
+    """['refusal', 'learned[:DIR]', 'llamaguard:DIR', 'reward:DIR'] -> (Llama Guard judge or None,
+    reward judge or None, refusal judge: a LearnedJudge or None for the patterns, specs).
+    'learned' alone is the shipped judge, SHIPPED_JUDGE."""
     guard = reward = learned = None
     for spec in specs or ["refusal"]:
         kind, _, path = spec.partition(":")
         if kind == "refusal" and not path:
             continue
         if kind not in ("llamaguard", "llamaguard1", "llamaguard2", "llamaguard3", "reward", "learned"):
-            raise ValueError(f"--judge '{spec}': unknown judge; use refusal, learned:DIR, llamaguard[1|2|3]:DIR "
+            raise ValueError(f"--judge '{spec}': unknown judge; use refusal, learned[:DIR], llamaguard[1|2|3]:DIR "
                              "or reward:DIR")
+        if kind == "learned" and not path:
+            path = str(SHIPPED_JUDGE)
         if not path:
             raise ValueError(f"--judge '{spec}': give a folder, e.g. '{kind}:path/to/model'")
         if kind in ("llamaguard", "llamaguard1", "llamaguard2", "llamaguard3"):
@@ -763,17 +769,28 @@ def resumed(out, settings) -> tuple[dict, list]:
     return done, gens
 
 
-def rejudge(out) -> dict:
-    """Re-apply the refusal patterns to a finished run's generations.jsonl and
-    rewrite its report (no generation): for tuning the patterns. Llama Guard
-    verdicts and reward scores are kept as they were; MCQ results too."""
+def rejudge(out, judge="refusal", batch_size=8) -> dict:
+    """Re-judge a finished run's answers (generations.jsonl) with a refusal judge,
+    the patterns or learned[:DIR], and rewrite its report; no generation. The
+    answers whose verdict changes go to OUT/rejudge_changes.jsonl, for reading.
+    Llama Guard verdicts and reward scores are kept as they were; MCQ results too."""
     out = Path(out)
+    if judge.partition(":")[0] not in ("refusal", "learned"):
+        raise ValueError(f"--rejudge --judge {judge}: re-judges with a refusal judge (refusal or learned[:DIR])")
+    _, _, learned, _ = parse_judges([judge])
     results = json.loads((out / "results.json").read_text())
     gens = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
-    guarded = any(j.startswith("llamaguard") for j in results["settings"]["judges"])
-    groups = {}
-    for g in gens:
-        g["refused"] = is_refusal(g["answer"])
+    judges = results["settings"]["judges"]
+    guarded = any(j.startswith("llamaguard") for j in judges)
+    refused = learned.refused([g["prompt"] for g in gens], [g["answer"] for g in gens], batch_size) if learned \
+        else [is_refusal(g["answer"]) for g in gens]
+    groups, changes = {}, []
+    for g, now in zip(gens, refused):
+        if g["refused"] != now:
+            changes.append({k: g[k] for k in ("checkpoint", "benchmark", "kind", "prompt", "answer")}
+                           | {"before": "refusal" if g["refused"] else "no refusal",
+                              "after": "refusal" if now else "no refusal"})
+        g["refused"] = now
         g["degenerate"] = degenerate_verdict(g["answer"])["degenerate"]
         if g["kind"] != HARMFUL:
             g["verdict"] = "refused" if g["refused"] else "answered"
@@ -785,7 +802,14 @@ def rejudge(out) -> dict:
         results["results"][cname][bname] = summarise(recs[0]["kind"], recs)
         if "reference_nll" in old:  # teacher-forced, not judged: kept as it was
             results["results"][cname][bname]["reference_nll"] = old["reference_nll"]
+    # the refusal judge named in the settings (and the report) is the one that judged
+    others = [j for j in judges if j.partition(":")[0] not in ("refusal", "learned")]
+    results["settings"]["judges"] = [judge] + others
     write_report(results, out, gens)
+    common.write_atomic(out / "rejudge_changes.jsonl",
+                        "".join(json.dumps(c, ensure_ascii=False) + "\n" for c in changes))
+    print(f"[eval] re-judged {len(gens)} answers with {judge}: {len(changes)} verdicts changed "
+          f"({out / 'rejudge_changes.jsonl'})", flush=True)
     return results
 
 
@@ -882,9 +906,11 @@ def main(argv=None):
     ap.add_argument("--helpful", help="instruction prompts: median reward (needs --judge reward:DIR)")
     ap.add_argument("--mcq", help="JSONL {question, choices, answer}: log-likelihood accuracy")
     ap.add_argument("--judge", action="append",
-                    help="refusal (default: the patterns), learned:DIR, llamaguard[1|2|3]:DIR, reward:DIR")
+                    help="refusal (default: the patterns), learned[:DIR] (alone: the shipped judge, judges/), "
+                         "llamaguard[1|2|3]:DIR, reward:DIR")
     ap.add_argument("--out")
-    ap.add_argument("--rejudge", metavar="DIR", help="re-apply the refusal patterns to DIR/generations.jsonl")
+    ap.add_argument("--rejudge", metavar="DIR",
+                    help="re-judge DIR/generations.jsonl with the refusal judge (--judge refusal or learned[:DIR])")
     ap.add_argument("--judge-check", metavar="FILE",
                     help="agreement of --judge with human labels in FILE (XSTest CSV or JSONL; see judge_check.py)")
     ap.add_argument("--threshold", type=float, default=0.0,
@@ -914,7 +940,14 @@ def main(argv=None):
             print(f"[eval] wrote {args.out}/judge_check.json, judge_check.txt and disagreements.jsonl")
         return 0
     if args.rejudge:
-        rejudge(args.rejudge)
+        judges = args.judge or ["refusal"]
+        if len(judges) != 1:
+            ap.error("--rejudge re-judges with one refusal judge: give --judge once")
+        try:
+            rejudge(args.rejudge, judges[0], args.batch_size)
+        except (OSError, ValueError) as e:
+            print(f"eval.py: error: {e}", file=sys.stderr)
+            return 2
         print((Path(args.rejudge) / "report.md").read_text())
         return 0
     if not (args.ckpt and args.out):

@@ -210,7 +210,7 @@ def judge_check(path, judge: str = "refusal", out=None, threshold: float = 0.0) 
 def fit_probe(x: torch.Tensor, refused: list[bool], l2: float) -> dict:
     """x [N, H] float64 -> {"w", "b", "mean", "std"}: logit = ((x - mean) / std) . w + b."""
     mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
-    sign = torch.tensor(refused, dtype=torch.float64) * 2 - 1
+    sign = torch.tensor(refused, dtype=torch.float64, device=x.device) * 2 - 1
     w, b = reward_lib.fit_logistic((x - mean) / std, l2, sign)
     return {"w": w, "b": b.reshape(1), "mean": mean, "std": std}
 
@@ -232,7 +232,7 @@ def fit_learned(labels, out, backbone="smollm2", layers=None, l2=0.01, models=No
         rows = [r for r in rows if r["model"] in models]
     net = ev.load_backbone(backbone, layers)
     x = ev.learned_features(net, data.load_tokenizer(backbone), [r["prompt"] for r in rows],
-                            [r["completion"] for r in rows], batch_size, max_answer, with_patterns)
+                            [r["completion"] for r in rows], batch_size, max_answer, with_patterns).cpu()
     probe = fit_probe(x, [r["refused"] for r in rows], l2)
     fitted = (probe_logits(probe, x) > 0).tolist()
     out = Path(out)

@@ -237,8 +237,8 @@ def fit_logistic(x: torch.Tensor, l2: float, sign: torch.Tensor | None = None):
     sign [N] is +1/-1 per row (a class label); without it every row is a
     Bradley-Terry "first beats second" difference, the loss needs no bias and
     b stays 0. -> (w [D], b) detached."""
-    w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
-    b = torch.zeros((), dtype=torch.float64, requires_grad=sign is not None)
+    w = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device, requires_grad=True)
+    b = torch.zeros((), dtype=torch.float64, device=x.device, requires_grad=sign is not None)
     opt = torch.optim.LBFGS([w, b] if sign is not None else [w], max_iter=500, tolerance_grad=1e-9,
                             line_search_fn="strong_wolfe")
 
@@ -277,13 +277,14 @@ def fit_head(rm, train, pad_id, l2: float, batch_size: int, autocast) -> dict:
     probe: on 2,000 PKU pairs it scored higher on held-out pairs than training
     the top layers from a zero head did, in about the same time (the README's
     reward row)."""
-    feats = []
+    feats, device = [], rm.score.weight.device
     order = sorted(range(len(train)), key=lambda i: data.example_length(train[i]))
     with torch.no_grad():
         for s in tqdm(range(0, len(order), batch_size), desc="features", file=sys.stderr):
             batch = data.collate_pairs([train[i] for i in order[s:s + batch_size]], pad_id)
+            ids, att, segments = (batch[k].to(device) for k in ("input_ids", "attention_mask", "segments"))
             with autocast:
-                f = rm.reward_features(batch["input_ids"], batch["attention_mask"], batch["segments"])  # [B, 2, H]
+                f = rm.reward_features(ids, att, segments)  # [B, 2, H]
             feats.append(f.double())
     chosen, rejected = torch.cat(feats).unbind(1)  # [N, H] each, in `order`
     head = fit_bt_head(chosen, rejected, l2)
@@ -297,11 +298,12 @@ def fit_head(rm, train, pad_id, l2: float, batch_size: int, autocast) -> dict:
 def train_backbone(rm, train, steps, pad_id, autocast, args, t_start) -> list[dict]:
     """The Bradley-Terry loop: one optimiser step per planned batch of pairs."""
     opt, sched = common.make_optimizer(rm, args, len(steps))
-    log = []
+    log, device = [], rm.score.weight.device
     for step, (indices,) in enumerate(steps):
         batch = data.collate_pairs([train[i] for i in indices], pad_id)
+        ids, att, segments = (batch[k].to(device) for k in ("input_ids", "attention_mask", "segments"))
         with autocast:
-            rewards = rm.reward(batch["input_ids"], batch["attention_mask"], batch["segments"])  # [B, 2]
+            rewards = rm.reward(ids, att, segments)  # [B, 2]
         loss, metrics = losses.reward_loss(rewards[:, 0].float(), rewards[:, 1].float())
         loss.backward()
         grad_norm, lr = common.optimizer_step(rm, opt, sched, float(loss.detach()), step + 1, args)

@@ -79,13 +79,14 @@ def prompt_states(model, tok, prompts, openers):
     try:
         for q in prompts:
             states.clear()
-            logits = model(torch.tensor([data.encode_prompt(tok, q)]))  # [1, T, V]
+            ids = torch.tensor([data.encode_prompt(tok, q)], device=next(model.parameters()).device)
+            logits = model(ids)  # [1, T, V]
             hidden.append(torch.stack(states))
             p_refuse.append(logits[0, -1].float().softmax(-1)[openers].sum())
     finally:
         for h in hooks:
             h.remove()
-    return torch.stack(hidden).float(), torch.stack(p_refuse)
+    return torch.stack(hidden).float().cpu(), torch.stack(p_refuse).cpu()
 
 
 def main(argv=None):

@@ -46,14 +46,15 @@ def pair_features(rm, examples, pad_id, batch_size=16, desc=None) -> torch.Tenso
         for s in tqdm(range(0, len(order), batch_size), desc=desc, disable=desc is None, file=sys.stderr):
             rows = order[s:s + batch_size]
             batch = data.collate_pairs([examples[i] for i in rows], pad_id)
-            ids, mask, segments = batch["input_ids"], batch["attention_mask"], batch["segments"]
+            ids, mask, segments = (batch[k].to(rm.score.weight.device)
+                                   for k in ("input_ids", "attention_mask", "segments"))
             rm(ids, mask, return_hidden=True, segments=segments)
             last = model_lib.last_token_index(mask, segments)  # [B, 2]
             layout = rm.token_layout(ids, mask.bool(), segments)
             for i in range(n_layers):
                 x = layout.to_batch(outputs[i])  # a block's output is [computed tokens, H] (TokenLayout)
                 at_end = x.gather(1, last[..., None].expand(-1, -1, hidden))  # [B, 2, H]
-                feats[rows, :, i] = rm.model.norm(at_end).float()
+                feats[rows, :, i] = rm.model.norm(at_end).float().cpu()
     finally:
         for h in hooks:
             h.remove()

@@ -282,7 +282,7 @@ def test_reward_judge_rejects_a_causal_lm(ckpt):
 
 
 def test_mcq_logps_match_a_plain_loop(ckpt):
-    m, tok = model_lib.load_model(ckpt), data.load_tokenizer(ckpt)
+    m, tok = model_lib.load_model(ckpt, device="cpu"), data.load_tokenizer(ckpt)
     items = [{"question": "What is the capital of France?", "choices": ["Paris", "A quick brown fox"], "answer": 0},
              {"question": "Pick one", "choices": ["A", "B", "The lazy dog"], "answer": 2}]
     got = ev.mcq_logps(m, tok, items, batch_size=3)  # batches cut across questions
@@ -367,6 +367,35 @@ def test_rejudge_reapplies_the_patterns(ckpt, tmp_path, monkeypatch):
     assert again["I-Tiny"]["safe_rate"] == 1.0 and again["benign"]["refusal_rate"] == 1.0
     gens = [json.loads(ln) for ln in (tmp_path / "o" / "generations.jsonl").read_text().splitlines()]
     assert {g["verdict"] for g in gens} == {"safe", "refused"}
+
+
+def test_rejudge_with_a_learned_judge_lists_the_changed_verdicts(ckpt, tmp_path, monkeypatch, capsys):
+    """--rejudge DIR --judge learned[:DIR]: the learned judge's verdicts replace the
+    patterns', the report names it, and every changed verdict is listed (and only those)."""
+    harm, _, benign, _ = _benches(tmp_path)
+    first = ev.evaluate([ckpt], [harm], out=tmp_path / "o", max_new_tokens=4, benign=[benign])
+    before = [json.loads(ln) for ln in (tmp_path / "o" / "generations.jsonl").read_text().splitlines()]
+    jc.fit_learned(_labelled_jsonl(tmp_path), tmp_path / "judge", backbone=ckpt, layers=1, l2=1e-4)
+    want = ev.LearnedJudge(tmp_path / "judge").refused([g["prompt"] for g in before], [g["answer"] for g in before])
+    monkeypatch.setattr(ev, "SHIPPED_JUDGE", tmp_path / "judge")  # `learned` alone: the shipped judge
+    assert ev.main(["--rejudge", str(tmp_path / "o"), "--judge", "learned"]) == 0
+    after = [json.loads(ln) for ln in (tmp_path / "o" / "generations.jsonl").read_text().splitlines()]
+    assert [g["refused"] for g in after] == want
+    changes = [json.loads(ln) for ln in (tmp_path / "o" / "rejudge_changes.jsonl").read_text().splitlines()]
+    flipped = [g for g, w in zip(before, want) if g["refused"] != w]
+    assert [(c["prompt"], c["after"]) for c in changes] == \
+        [(g["prompt"], "no refusal" if g["refused"] else "refusal") for g in flipped]
+    assert f"{len(flipped)} verdicts changed" in capsys.readouterr().out
+    results = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert results["settings"]["judges"] == ["learned"] and "Judges: learned" in \
+        (tmp_path / "o" / "report.md").read_text()
+    harmful = [w for g, w in zip(before, want) if g["kind"] == ev.HARMFUL]
+    assert results["results"][ckpt]["I-Tiny"]["safe_rate"] == round(sum(harmful) / len(harmful), 4)
+    assert ev.rejudge(tmp_path / "o") == first  # back to the patterns: the first run's numbers
+    with pytest.raises(SystemExit):
+        ev.main(["--rejudge", str(tmp_path / "o"), "--judge", "learned", "--judge", "refusal"])
+    assert ev.main(["--rejudge", str(tmp_path / "o"), "--judge", f"llamaguard:{tmp_path}"]) == 2
+    assert "re-judges with a refusal judge" in capsys.readouterr().err
 
 
 def test_cli_and_argument_errors(ckpt, tmp_path, capsys):
@@ -616,7 +645,7 @@ def test_summarise_counts_refusals_degenerate_and_empty():
 
 
 def test_answer_nll_is_the_pooled_mean_of_token_nlls(ckpt):
-    m, tok = model_lib.load_model(ckpt), data.load_tokenizer(ckpt)
+    m, tok = model_lib.load_model(ckpt, device="cpu"), data.load_tokenizer(ckpt)
     pairs = [("Name a fruit.", "An apple."), ("Say hi.", "Hello there, my friend.")]
     total, count = 0.0, 0
     for p, a in pairs:

@@ -2,7 +2,8 @@
 
 The Triton kernel runs under TRITON_INTERPRET=1 on CPU (set in conftest.py):
 exact but slow, so these tests use a handful of rows with full-size
-vocabularies (49,152 = SmolLM2, 128,256 = Llama 3).
+vocabularies (49,152 = SmolLM2, 128,256 = Llama 3). On a CUDA machine the
+kernel runs compiled, on tensors moved to the GPU (`on_kernel_device`).
 """
 
 import pytest
@@ -10,6 +11,13 @@ import torch
 
 from kernels.logprobs_chunked import (default_chunk_size, logprobs_from_hidden_chunked,
                                       logprobs_from_hidden_reference)
+
+
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where the Triton kernel runs
+
+
+def on_kernel_device(*tensors):
+    return [t.to(KERNEL_DEVICE) for t in tensors]
 
 
 @pytest.fixture
@@ -49,6 +57,7 @@ def test_triton_matches_twin_fp32(triton_kernel, V, kind):
         logits[0, labels[0]] = 1e4  # one label at the max, one far below it
         logits[1, labels[1]] = -1e4
     grad_out = torch.randn(N, generator=gen)
+    logits, labels, grad_out = on_kernel_device(logits, labels, grad_out)
     got, (g_got,) = _value_and_grads(lambda x: triton_kernel.logprobs_triton(x, labels), [logits],
                                      grad_out)
     ref, (g_ref,) = _value_and_grads(lambda x: triton_kernel.logprobs_reference(x, labels), [logits],
@@ -65,6 +74,7 @@ def test_triton_bf16_accumulates_in_fp32(triton_kernel, V):
     logits = (3 * torch.randn(N, V, generator=gen)).bfloat16()
     labels = torch.randint(0, V, (N,), generator=gen)
     grad_out = torch.randn(N, generator=gen)
+    logits, labels, grad_out = on_kernel_device(logits, labels, grad_out)
     got, (g_got,) = _value_and_grads(lambda x: triton_kernel.logprobs_triton(x, labels), [logits],
                                      grad_out)
     # the twin on the same bf16 values, computed in fp32 throughout
@@ -78,18 +88,17 @@ def test_triton_bf16_accumulates_in_fp32(triton_kernel, V):
 
 
 def test_triton_fully_masked_rows(triton_kernel):
-    logits = torch.randn(5, 49152)
-    labels = torch.full((5,), -100)
-    got, (grad,) = _value_and_grads(lambda x: triton_kernel.logprobs_triton(x, labels), [logits],
-                                    torch.ones(5))
+    logits, labels, ones = on_kernel_device(torch.randn(5, 49152), torch.full((5,), -100), torch.ones(5))
+    got, (grad,) = _value_and_grads(lambda x: triton_kernel.logprobs_triton(x, labels), [logits], ones)
     assert (got == 0).all() and (grad == 0).all()
 
 
 def test_triton_blocks_with_ragged_tail_and_gradcheck_fp64(triton_kernel):
     gen = torch.Generator().manual_seed(3)
     # V=21 with 8-column blocks: two full blocks and a 5-column tail
-    logits = torch.randn(3, 21, generator=gen, dtype=torch.float64, requires_grad=True)
-    labels = torch.tensor([20, -100, 4])
+    logits, labels = on_kernel_device(torch.randn(3, 21, generator=gen, dtype=torch.float64),
+                                      torch.tensor([20, -100, 4]))
+    logits.requires_grad_()
     fn = lambda x: triton_kernel.logprobs_triton(x, labels, block_size=8)
     torch.testing.assert_close(fn(logits), triton_kernel.logprobs_reference(logits, labels))
     assert torch.autograd.gradcheck(fn, (logits,))
@@ -102,6 +111,7 @@ def test_token_logps_from_hidden_triton_impl(triton_kernel):
     weight = torch.randn(300, 16, generator=gen)
     labels = torch.tensor([0, 299, -100, 7, 150])
     grad_out = torch.randn(5, generator=gen)
+    hidden, weight, labels, grad_out = on_kernel_device(hidden, weight, labels, grad_out)
     got, g_got = _value_and_grads(lambda h, w: token_logps_from_hidden(h, w, labels, impl="triton"),
                                   [hidden, weight], grad_out)
     ref, g_ref = _value_and_grads(lambda h, w: token_logps_from_hidden(h, w, labels, impl="naive"),

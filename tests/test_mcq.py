@@ -31,7 +31,7 @@ def test_context_and_continuation_split_as_the_harness_splits_them(ckpt):
 def test_choice_logps_are_each_continuation_scored_alone(ckpt, batch_size):
     """One row per question with the choices as branches gives what each
     context + continuation gives run alone (batches cut across questions)."""
-    m, tok = model_lib.load_model(ckpt), data.load_tokenizer(ckpt)
+    m, tok = model_lib.load_model(ckpt, device="cpu"), data.load_tokenizer(ckpt)
     got = mcq.choice_logps(m, tok, ITEMS, "piqa", batch_size=batch_size)
     for it, per in zip(ITEMS, got):
         context, conts = mcq.encode_choices(tok, mcq.PROMPTS["piqa"](it["question"]), it["choices"])

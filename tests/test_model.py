@@ -50,7 +50,7 @@ def left_padded_batch(vocab, seed=0):
 @pytest.mark.parametrize("name", CONFIGS)
 def test_logits_match_transformers(tmp_path, name):
     ckpt = tiny_ckpt(tmp_path / "m", **CONFIGS[name])
-    ours = model_lib.load_model(ckpt)
+    ours = model_lib.load_model(ckpt, device="cpu")
     ids, mask = left_padded_batch(ours.config.vocab_size)
     with torch.no_grad():
         mine = ours(ids, mask)
@@ -73,7 +73,7 @@ def test_save_roundtrip_sharded_loads_in_transformers(tmp_path):
     ids, mask = left_padded_batch(320)
     with torch.no_grad():
         mine = m(ids, mask)
-        again = model_lib.load_model(out)(ids, mask)
+        again = model_lib.load_model(out, device="cpu")(ids, mask)
     ref = hf_logits(hf_model(out), ids, mask)
     real = mask.bool()
     assert torch.equal(mine, again)
@@ -228,7 +228,7 @@ def naive_greedy(m, ids, n, stop):
 
 def test_generate_greedy_matches_naive_loop_with_left_padding(tmp_path):
     ckpt = tiny_ckpt(tmp_path / "m", seed=4)
-    m, tok = model_lib.load_model(ckpt), data.load_tokenizer(ckpt)
+    m, tok = model_lib.load_model(ckpt, device="cpu"), data.load_tokenizer(ckpt)
     prompts = ["What is the capital of France?", "Hi", "Below is an instruction that describes a task."]
     # A random model rarely says <|im_end|>: also make the 3rd greedy token of the
     # first prompt a stop id, so that row stops early while the others go on.
@@ -281,7 +281,7 @@ def test_packed_linear_equals_linear_and_is_put_back():
 @needs_onednn
 def test_generate_packed_equals_unpacked(tmp_path):
     ckpt = tiny_ckpt(tmp_path / "m", seed=8)
-    m, tok = model_lib.load_model(ckpt), data.load_tokenizer(ckpt)
+    m, tok = model_lib.load_model(ckpt, device="cpu"), data.load_tokenizer(ckpt)
     prompts = ["Hi", "What is the capital of France?"]
     kw = dict(max_new_tokens=10, temperature=0.85, top_p=0.95, num_samples=2, seed=3)
     assert generation.generate(m, tok, prompts, pack=True, **kw) == generation.generate(m, tok, prompts, pack=False, **kw)
@@ -331,7 +331,7 @@ def test_reward_head_reads_last_real_token(tmp_path):
     m = random_model(6, architectures=["LlamaForSequenceClassification"], num_labels=1)
     tiny_ckpt(tmp_path / "src")
     out = model_lib.save_model(m, tmp_path / "rm", tokenizer_dir=tmp_path / "src")
-    ours = model_lib.load_model(out)
+    ours = model_lib.load_model(out, device="cpu")
     hf = transformers.LlamaForSequenceClassification.from_pretrained(out, dtype=torch.float32).eval()
     ids = torch.randint(3, 320, (2, 12))
     mask = torch.ones_like(ids)

@@ -38,7 +38,7 @@ def test_probe_finds_a_small_signal_beside_a_huge_nuisance_dimension():
 
 def test_prompt_states_read_each_layer_at_the_prompt_end(tmp_path):
     ckpt = tiny_ckpt(tmp_path / "m", num_hidden_layers=3)
-    model, tok = model_lib.load_model(ckpt).eval(), data.load_tokenizer(ckpt)
+    model, tok = model_lib.load_model(ckpt, device="cpu").eval(), data.load_tokenizer(ckpt)
     openers = [5, 7]
     hidden, p_refuse = pr.prompt_states(model, tok, ["Do A", "What is the capital of France?"], openers)
     assert hidden.shape == (2, 3, 64)

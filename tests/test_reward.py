@@ -96,7 +96,8 @@ def test_training_on_a_toy_set_reaches_accuracy_one(tmp_path):
     pairs = [{"prompt": f"Question number {i}: can you help me?", "chosen": SAFE[i % 2], "rejected": UNSAFE[i % 3 % 2]}
              for i in range(48)]
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
-    before = reward.pairwise_accuracy(random_head(reward.init_reward_model(ckpt, data.load_tokenizer(ckpt)), seed=5),
+    before = reward.pairwise_accuracy(random_head(reward.init_reward_model(ckpt, data.load_tokenizer(ckpt), device="cpu"),
+                                                  seed=5),
                                       data.load_tokenizer(ckpt), pairs[32:])
     result = reward.main(["--ckpt", str(ckpt), "--data", str(tmp_path / "pairs.jsonl"), "--out",
                           str(tmp_path / "rm"), "--train-pairs", "32", "--eval-pairs", "16", "--lr", "3e-3",

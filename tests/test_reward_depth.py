@@ -20,11 +20,11 @@ def test_features_at_depth_d_are_what_a_d_layer_reward_model_reads(tmp_path):
     ckpt = tiny_ckpt(tmp_path / "lm", num_hidden_layers=3)
     tok = data.load_tokenizer(ckpt)
     examples, _ = data.tokenize_pairs(tok, toy_pairs(6), 256)  # prompts of different lengths: padding
-    feats = rd.pair_features(reward.init_reward_model(ckpt, tok), examples, tok.pad_id, batch_size=4)
+    feats = rd.pair_features(reward.init_reward_model(ckpt, tok, device="cpu"), examples, tok.pad_id, batch_size=4)
     assert feats.shape == (6, 2, 3, 64)
     batch = data.collate_pairs(examples, tok.pad_id)
     for depth in (1, 2, 3):
-        shallow = reward.init_reward_model(ckpt, tok, layers=depth).eval()
+        shallow = reward.init_reward_model(ckpt, tok, layers=depth, device="cpu").eval()
         with torch.no_grad():
             want = shallow.reward_features(batch["input_ids"], batch["attention_mask"], batch["segments"])
         torch.testing.assert_close(feats[:, :, depth - 1], want, atol=1e-5, rtol=1e-5)

@@ -204,7 +204,7 @@ def test_dpo_anchor_starts_at_zero_kl_and_keeps_the_anchor_answers_closer(ckpt, 
 
     def kl_to_start(folder):  # mean KL(start || model) over the anchor answers' tokens
         import model as model_lib
-        start, end = model_lib.load_model(ckpt), model_lib.load_model(folder)
+        start, end = model_lib.load_model(ckpt, device="cpu"), model_lib.load_model(folder, device="cpu")
         batch = data.collate_sft(examples, tok.pad_id)
         with torch.no_grad():
             ref = losses.top_k_distribution(dpo.anchor_hidden(start, batch, "cpu")[0], start.lm_head_weight, 300)
@@ -223,7 +223,7 @@ def test_dpo_anchor_ckpt_is_the_model_the_kl_is_taken_from(ckpt, toy_prefs, memo
     import model as model_lib
     tok = data.load_tokenizer(ckpt)
     batch = data.collate_sft(data.tokenize_sft(tok, data.load_instructions(memo_set), 256)[0], tok.pad_id)
-    anchor, start = model_lib.load_model(ckpt), model_lib.load_model(tmp_path / "moved")
+    anchor, start = model_lib.load_model(ckpt, device="cpu"), model_lib.load_model(tmp_path / "moved", device="cpu")
     with torch.no_grad():
         ref = losses.top_k_distribution(dpo.anchor_hidden(anchor, batch, "cpu")[0], anchor.lm_head_weight, 16)
         expected = float(losses.top_k_kl(dpo.anchor_hidden(start, batch, "cpu")[0], start.lm_head_weight, *ref).mean())
@@ -301,7 +301,7 @@ def test_nan_stops_the_run_and_keeps_the_last_good_state(ckpt, memo_set, tmp_pat
 def test_prompt_and_padding_labels_change_nothing(ckpt):
     tok = data.load_tokenizer(ckpt)
     import model as model_lib
-    model = model_lib.load_model(ckpt)
+    model = model_lib.load_model(ckpt, device="cpu")
     ex, _ = data.tokenize_sft(tok, [{"prompt": p, "input": "", "response": "Paris."} for p in PROMPTS[:3]], 64)
     batch = data.collate_sft(ex, tok.pad_id)
     ids, att, mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
@@ -319,12 +319,12 @@ def test_prompt_and_padding_labels_change_nothing(ckpt):
 
 def test_two_processes_equal_one(ckpt, toy_prefs, tmp_path):
     extra = ("--max-steps", 3, "--lr", 1e-3, "--grad-accum", 2)
-    dpo.main(args(ckpt, toy_prefs, tmp_path / "one", *extra))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "dpo.py"), *args(ckpt, toy_prefs, tmp_path / "two", *extra)]
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}  # both on the CPU, even beside a GPU
+    for n, out in ((1, "one"), (2, "two")):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
+               str(ROOT / "dpo.py"), *args(ckpt, toy_prefs, tmp_path / out, *extra)]
+        res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
     for a, b in zip(log(tmp_path / "one"), log(tmp_path / "two"), strict=True):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
         assert a["rewards/accuracies"] == pytest.approx(b["rewards/accuracies"], abs=1e-6)
