@@ -174,7 +174,18 @@ def refusal_detector(spec: str, threshold: float = 0.0):
     return lambda prompts, answers: [s >= threshold for s in reward.score(prompts, answers)]
 
 
-def judge_check(path, judge: str = "refusal", out=None, threshold: float = 0.0) -> dict:
+def fitted_here(judge: str, path) -> bool:
+    """Was this learned judge fitted on the labelled file `path` (by name)? Then its
+    agreement there is training agreement, not a held-out one."""
+    kind, _, folder = judge.partition(":")
+    if kind != "learned":
+        return False
+    config = Path(folder or ev.SHIPPED_JUDGE) / "judge.json"
+    fitted = json.loads(config.read_text()).get("fitted_on", {}).get("file", "") if config.is_file() else ""
+    return Path(fitted).name == Path(path).name
+
+
+def judge_check(path, judge: str = ev.DEFAULT_JUDGE, out=None, threshold: float = 0.0) -> dict:
     """Run `judge` on a labelled file; returns the metrics and, with `out`, writes
     judge_check.json, judge_check.txt and disagreements.jsonl there."""
     rows = read_labelled(path)
@@ -184,6 +195,10 @@ def judge_check(path, judge: str = "refusal", out=None, threshold: float = 0.0) 
     res = {"file": str(path), "judge": judge, **({"threshold": threshold} if judge.startswith("reward") else {}),
            **res}
     text = report(res, judge, path)
+    if fitted_here(judge, path):
+        res["note"] = ("this judge was fitted on these rows: the agreement is training agreement; "
+                       "held out, leave one model out: docs/judge.md")
+        text = f"NOTE: {res['note']}\n{text}"
     if out:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
@@ -234,7 +249,8 @@ def fit_learned(labels, out, backbone="smollm2", layers=None, l2=0.01, models=No
     x = ev.learned_features(net, data.load_tokenizer(backbone), [r["prompt"] for r in rows],
                             [r["completion"] for r in rows], batch_size, max_answer, with_patterns).cpu()
     probe = fit_probe(x, [r["refused"] for r in rows], l2)
-    fitted = (probe_logits(probe, x) > 0).tolist()
+    # as LearnedJudge.refused decides: the probe, or an explicit refusal in the opening
+    fitted = [bool(z > 0) or ev.explicit_refusal(r["completion"]) for z, r in zip(probe_logits(probe, x), rows)]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with common.replacing(out / "probe.safetensors") as tmp:  # a reader sees a whole file or none

@@ -56,9 +56,10 @@ DEMO = ROOT / "demo_data"
 SHARED = ROOT.parent / "shared" / "data"
 PAPER_BENCHMARKS = ["I-MaliciousInstructions.json", "I-CoNa.json", "I-Controversial.json"]
 
-# Minutes each stage took in the README's reference run on 2 CPU cores: the
-# time-left estimate scales these by how fast this machine has been so far.
-EXPECTED_MINUTES = {"baseline": 0.9, "distill": 0.9, "sit": 3.8, "dpo": 6.0, "raft": 0.9, "eval": 3.0}
+# Minutes each stage takes on 2 CPU cores (docs/helpfulness.md: DPO with the anchor at
+# its uncontended 2.4 s per step): the time-left estimate scales these by how fast
+# this machine has been so far.
+EXPECTED_MINUTES = {"baseline": 1.4, "distill": 2.3, "sit": 3.8, "dpo": 12.0, "raft": 1.6, "eval": 4.0}
 
 # Stage settings: (full run, --quick smoke run).
 SETTINGS = {
@@ -96,7 +97,7 @@ def run_eval(ckpts: dict, out: Path, args) -> dict:
     benches = [str(DEMO / "eval_harmful.jsonl")]
     if args.paper_benchmarks:
         benches += [str(SHARED / b) for b in PAPER_BENCHMARKS if (SHARED / b).is_file()]
-    return evaluation.evaluate(ckpts, benches, judge="refusal", out=out, benign=[str(DEMO / "eval_benign.jsonl")],
+    return evaluation.evaluate(ckpts, benches, judge=evaluation.DEFAULT_JUDGE, out=out, benign=[str(DEMO / "eval_benign.jsonl")],
                                ordinary=[str(DEMO / "ordinary_eval.jsonl"), str(DEMO / "ordinary_valid.jsonl")],
                                max_new_tokens=8 if args.quick else 120, batch_size=32,
                                limit=3 if args.quick else None, resume=True)  # an eval killed mid-way goes on

@@ -34,8 +34,8 @@ from judge_rule_selection import rule_selection  # noqa: E402
 DEPTHS, ANSWER_TOKENS, L2S = (8, 16, 24), (32, 160), (0.001, 0.01, 0.03, 0.1)
 
 
-def agreement(probe, x, refused):
-    return ((judge_check.probe_logits(probe, x) > 0) == refused).double().mean().item()
+def agreement(probe, x, refused, explicit):
+    return (((judge_check.probe_logits(probe, x) > 0) | explicit) == refused).double().mean().item()
 
 
 def main():
@@ -43,6 +43,9 @@ def main():
     ap.add_argument("--labels", default=str(ROOT.parent / "shared" / "data" / "xstest_human_labels_3models.csv"))
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--cache", help="a .safetensors file: features read from it when present, else written to it")
+    ap.add_argument("--explicit-override", action="store_true",
+                    help="an explicit refusal in the answer's opening (eval.explicit_refusal) is a refusal "
+                         "whatever the probe says: the judge eval.py ships")
     args = ap.parse_args()
     rows = judge_check.read_labelled(args.labels)
     tok = data.load_tokenizer("smollm2")
@@ -64,6 +67,7 @@ def main():
     refused = torch.tensor([r["refused"] for r in rows])
     model_of = [r["model"] for r in rows]
     unsafe = torch.tensor([r["type"].startswith("contrast") for r in rows])
+    explicit = torch.tensor([args.explicit_override and ev.explicit_refusal(r["completion"]) for r in rows])
     models = sorted(set(model_of))
 
     def rows_of(*names):
@@ -83,14 +87,14 @@ def main():
             for a, b in (train, train[::-1]):  # fit on one training model, score on the other
                 fa, fb = rows_of(a), rows_of(b)
                 probe = judge_check.fit_probe(x[fa], refused[fa].tolist(), l2)
-                inner.append(agreement(probe, x[fb], refused[fb]))
+                inner.append(agreement(probe, x[fb], refused[fb], explicit[fb]))
             score = sum(inner) / 2
             if best is None or score > best[0]:
                 best = (score, key, l2, with_patterns)
         _, key, l2, with_patterns = best
         fit, test, x = rows_of(*train), rows_of(held), x_of(key, with_patterns)
         probe = judge_check.fit_probe(x[fit], refused[fit].tolist(), l2)
-        pred = judge_check.probe_logits(probe, x[test]) > 0
+        pred = (judge_check.probe_logits(probe, x[test]) > 0) | explicit[test]
         u = unsafe[test]
         depth, n = key.split("_")
         print(f"{held:15s} | {depth} blocks, {n} tokens, l2 {l2:<5}, patterns {'in' if with_patterns else 'out'}"

@@ -292,5 +292,6 @@ def test_a_run_records_its_template_and_ships_a_template_file(tmp_path, capsys):
     tok = data.load_tokenizer(out)
     assert tok.template_source == str(out / "chat_template.jinja")
     assert data.render_prompt(tok, "Hi") == "<|user|>\nHi<|im_end|>\n<|assistant|>\n"
-    res = evaluation.evaluate([str(out)], [str(rows)], max_new_tokens=2, limit=2, system="Be brief.")
+    res = evaluation.evaluate([str(out)], [str(rows)], max_new_tokens=2, limit=2, system="Be brief.",
+                                 judge="refusal")
     assert res["settings"]["prompt_templates"][str(out)]["system"] == "Be brief."

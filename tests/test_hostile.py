@@ -121,7 +121,7 @@ def test_eval_rejects_no_new_tokens_and_counts_empty_answers(ckpt, tmp_path):
     with pytest.raises(SystemExit):
         ev.main(["--ckpt", ckpt, "--bench", str(bench), "--out", str(tmp_path / "o"), "--max-new-tokens", "0"])
     with pytest.raises(ValueError, match="max_new_tokens 0"):
-        ev.evaluate([ckpt], [bench], max_new_tokens=0)
+        ev.evaluate([ckpt], [bench], max_new_tokens=0, judge="refusal")
 
 
 @pytest.mark.parametrize("body, error", [
@@ -190,18 +190,20 @@ def test_eval_killed_in_its_second_benchmark_leaves_no_results_json(ckpt, tmp_pa
 
     monkeypatch.setattr(generation, "generate", dies_second)
     with pytest.raises(KeyboardInterrupt):
-        ev.evaluate([f"m={ckpt}"], [a], benign=[b], out=tmp_path / "o", max_new_tokens=4)
+        ev.evaluate([f"m={ckpt}"], [a], benign=[b], out=tmp_path / "o", max_new_tokens=4, judge="refusal")
     assert not (tmp_path / "o" / "results.json").exists()  # pipeline.py would take it for a finished stage
     partial = json.loads((tmp_path / "o" / "results.partial.json").read_text())
     assert list(partial["results"]["m"]) == ["a"]
     first = json.loads((tmp_path / "o" / "generations.jsonl").read_text().splitlines()[0])
     with pytest.raises(ValueError, match=r"--resume: .*results.partial.json was written with other settings "
                                          r"\(max_new_tokens\)"):
-        ev.evaluate([f"m={ckpt}"], [a], benign=[b], out=tmp_path / "o", max_new_tokens=5, resume=True)
+        ev.evaluate([f"m={ckpt}"], [a], benign=[b], out=tmp_path / "o", max_new_tokens=5, resume=True,
+                    judge="refusal")
     calls["n"] = 0
     counted = []
     monkeypatch.setattr(generation, "generate", lambda *a_, **kw: counted.append(1) or real(*a_, **kw))
-    res = ev.evaluate([f"m={ckpt}"], [a], benign=[b], out=tmp_path / "o", max_new_tokens=4, resume=True)
+    res = ev.evaluate([f"m={ckpt}"], [a], benign=[b], out=tmp_path / "o", max_new_tokens=4, resume=True,
+                      judge="refusal")
     assert len(counted) == 1  # only the benchmark the killed run lacked was generated
     assert set(res["results"]["m"]) == {"a", "b"} and res["results"]["m"]["a"] == partial["results"]["m"]["a"]
     assert (tmp_path / "o" / "results.json").is_file() and not (tmp_path / "o" / "results.partial.json").exists()
