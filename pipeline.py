@@ -97,7 +97,8 @@ def run_eval(ckpts: dict, out: Path, args) -> dict:
     benches = [str(DEMO / "eval_harmful.jsonl")]
     if args.paper_benchmarks:
         benches += [str(SHARED / b) for b in PAPER_BENCHMARKS if (SHARED / b).is_file()]
-    return evaluation.evaluate(ckpts, benches, judge=evaluation.DEFAULT_JUDGE, out=out, benign=[str(DEMO / "eval_benign.jsonl")],
+    return evaluation.evaluate(ckpts, benches, judge=evaluation.DEFAULT_JUDGE, out=out,
+                               benign=[str(DEMO / "eval_benign.jsonl")],
                                ordinary=[str(DEMO / "ordinary_eval.jsonl"), str(DEMO / "ordinary_valid.jsonl")],
                                max_new_tokens=8 if args.quick else 120, batch_size=32,
                                limit=3 if args.quick else None, resume=True)  # an eval killed mid-way goes on
