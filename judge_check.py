@@ -164,11 +164,9 @@ def report(res: dict, judge: str, path) -> str:
 def refusal_detector(spec: str, threshold: float = 0.0):
     """A judge spec -> f(prompts, answers) -> [bool] (True = refusal), as the module docstring says."""
     kind, _, path = spec.partition(":")
-    if kind == "refusal" and not path:
-        return lambda prompts, answers: [ev.is_refusal(a) for a in answers]
     guard, reward, learned, _ = ev.parse_judges([spec])
-    if learned is not None:
-        return learned.refused
+    if kind in ("refusal", "learned"):
+        return lambda prompts, answers: ev.refusal_verdicts(learned, prompts, answers)
     if guard is not None:
         return lambda prompts, answers: [v["verdict"] == "safe" for v in guard.judge(prompts, answers)]
     return lambda prompts, answers: [s >= threshold for s in reward.score(prompts, answers)]
@@ -249,8 +247,7 @@ def fit_learned(labels, out, backbone="smollm2", layers=None, l2=0.01, models=No
     x = ev.learned_features(net, data.load_tokenizer(backbone), [r["prompt"] for r in rows],
                             [r["completion"] for r in rows], batch_size, max_answer, with_patterns).cpu()
     probe = fit_probe(x, [r["refused"] for r in rows], l2)
-    # as LearnedJudge.refused decides: the probe, or an explicit refusal in the opening
-    fitted = [bool(z > 0) or ev.explicit_refusal(r["completion"]) for z, r in zip(probe_logits(probe, x), rows)]
+    fitted = ev.learned_verdicts(probe_logits(probe, x), [r["completion"] for r in rows])  # as the judge decides
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with common.replacing(out / "probe.safetensors") as tmp:  # a reader sees a whole file or none

@@ -35,6 +35,7 @@ DEPTHS, ANSWER_TOKENS, L2S = (8, 16, 24), (32, 160), (0.001, 0.01, 0.03, 0.1)
 
 
 def agreement(probe, x, refused, explicit):
+    """eval.learned_verdicts's rule on tensors (explicit precomputed: it does not change between fits)."""
     return (((judge_check.probe_logits(probe, x) > 0) | explicit) == refused).double().mean().item()
 
 
