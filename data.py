@@ -545,8 +545,9 @@ def load_preferences(path, stats=None, keep=()) -> list[dict]:
     """JSONL/JSON of {prompt, chosen, rejected}, PKU-SafeRLHF raw rows or
     HH-RLHF dialogues (recognised per record) -> [{"prompt", "chosen", "rejected"}],
     plus the record's string fields named in `keep` (e.g. "kind"; each record
-    must have them). Filtered and empty pairs are counted in `stats`, never
-    silently lost."""
+    must have them) and its "prefix" when it has one: text the answer has
+    already begun with, which both answers continue (tokenize_pairs). Filtered
+    and empty pairs are counted in `stats`, never silently lost."""
     stats = {} if stats is None else stats
     out = []
     for where, rec in read_records(path):
@@ -558,6 +559,10 @@ def load_preferences(path, stats=None, keep=()) -> list[dict]:
             pair = {k: _field(where, rec, k) for k in ("prompt", "chosen", "rejected")}
         if pair is None:
             continue
+        if isinstance(rec, dict) and "prefix" in rec:  # the answer's shared beginning (tokenize_pairs)
+            pair["prefix"] = _field(where, rec, "prefix").strip()
+            if not pair["prefix"]:
+                raise ValueError(f"{where}: field 'prefix' is empty; leave it out for answers that start afresh")
         pair.update({k: _field(where, rec, k) for k in keep})
         if not pair["chosen"].strip() or not pair["rejected"].strip():
             stats["skipped_empty"] = stats.get("skipped_empty", 0) + 1
@@ -657,20 +662,32 @@ def tokenize_pairs(tok, pairs, max_len, opening_words=0):
     opening_words > 0: each answer is cut to its first that many words and left
     open (no end-of-turn token), so training sees only how answers begin (for a
     safety pair: decline or help). Pairs whose openings are equal are dropped.
-    An int for every pair, or a list with one per pair (0: that pair's whole answers)."""
+    An int for every pair, or a list with one per pair (0: that pair's whole answers).
+
+    A pair with a "prefix" (an answer already under way: "Preheat the oven.")
+    puts the prefix's tokens after the prompt, untrained, and its two answers
+    continue it; opening_words then counts the continuation's words. The
+    prefix must end where a token ends (after a sentence or a comma it does)."""
     words = opening_words if isinstance(opening_words, list) else [opening_words] * len(pairs)
     out, stats = [], {"pairs": len(pairs), "truncated_prompt": 0, "dropped_too_long": 0}
     if any(words):
         stats["dropped_same_opening"] = 0
 
-    def answer(pair, text, n):
-        if not n:
-            return encode_response(tok, pair["prompt"], text, pair.get("input", ""))
-        return encode_response(tok, pair["prompt"], " ".join(text.split()[:n]), pair.get("input", ""), closed=False)
+    def answer(i, pair, text, n, head):
+        text = " ".join(text.split()[:n]) if n else text.strip()
+        full = encode_response(tok, pair["prompt"], f"{pair['prefix']} {text}" if head else text,
+                               pair.get("input", ""), closed=not n)
+        if full[:len(head)] != head:
+            raise ValueError(f"pair {i}: its prefix does not end where a token ends once the answer follows it "
+                             f"({pair['prefix'][-30:]!r}); end the prefix after a sentence or a comma")
+        return full[len(head):]
 
     for i, (pair, n) in enumerate(zip(pairs, words)):
         p = encode_prompt(tok, pair["prompt"], pair.get("input", ""))
-        c, r = answer(pair, pair["chosen"], n), answer(pair, pair["rejected"], n)
+        head = encode_response(tok, pair["prompt"], pair["prefix"], pair.get("input", ""), closed=False) \
+            if pair.get("prefix") else []
+        c, r = answer(i, pair, pair["chosen"], n, head), answer(i, pair, pair["rejected"], n, head)
+        p = p + head  # the prefix runs with the prompt, in the shared trunk
         if n and c == r:
             stats["dropped_same_opening"] += 1
             continue

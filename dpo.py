@@ -30,7 +30,10 @@ left open (no end-of-turn token), so the whole loss is on how the answer
 begins. A safety pair's decision, decline or help, is made there; with whole
 answers most of the loss goes to the rest (how this was chosen:
 docs/dpo_recipe.md). Pairs given with --whole-data keep their whole answers
-all the same (an anchor for how whole answers go on).
+all the same (an anchor for how whole answers go on). A pair with a "prefix"
+field starts inside an answer: the prefix runs with the prompt, untrained, and
+N counts the words after it (data.tokenize_pairs), so a pair can teach what
+comes next, e.g. going on with the task rather than a glued-in refusal.
 
 Learning rate: the paper's 5e-7 is for 7B models and thousands of steps. A
 demo run here is tens of steps, so the default is 5e-6 (full fine-tuning).

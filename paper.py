@@ -21,7 +21,8 @@ command (printed as it starts):
   raft      raft.py from sit_n0: K samples per PKU prompt, the reward model's
             best kept, SFT
   eval_*    eval.py on every checkpoint: I-MaliciousInstructions, I-CoNa,
-            I-Controversial (refusal judge and reward-model median), XSTest safe
+            I-Controversial (--judge, by default the shipped learned judge, and the
+            reward model's median), XSTest safe
             prompts (over-refusal), AlpacaEval prompts (refusals, degenerate
             answers), Alpaca references (NLL); mcq.py on BoolQ, PIQA, OpenBookQA
   report    OUT/report/: report.md (the table, with 95% bootstrap intervals
@@ -161,7 +162,7 @@ def evaluate_checkpoint(name, path, out: Path, folder: Path, size: dict, args):
     """eval.py's benchmarks, then mcq.py's, into `folder` (results.json, mcq.json)."""
     d = out / "data"
     evaluation.evaluate({name: path}, [str(d / (Path(b).stem + ".jsonl")) for b in HARMFUL],
-                        judge=["refusal", f"reward:{out / 'reward'}"], out=folder,
+                        judge=[args.judge, f"reward:{out / 'reward'}"], out=folder,
                         benign=[str(d / "xstest_safe.jsonl")],
                         ordinary=[str(d / "alpaca_eval.jsonl"), str(d / "alpaca_reference.jsonl")],
                         max_new_tokens=8 if args.sizes == "quick" else 120, batch_size=32, seed=args.seed,
@@ -231,7 +232,10 @@ def write_report(out: Path, size: dict, models, seed):
                          f"({100 * q['acc_norm_ci'][0]:.0f}-{100 * q['acc_norm_ci'][1]:.0f})")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     n_mcq = {t: table[models[0]]["mcq"][t]["n"] for t in MCQ}
+    judges = sorted({j for m in models for j in json.loads((out / f"eval_{m}" / "results.json").read_text())
+                     ["settings"]["judges"]})
     md = ["# The paper's grid", "", f"Sizes: {json.dumps(size)}; MCQ items: {json.dumps(n_mcq)}.",
+          f"Judges: {', '.join(judges)} (the refusal judge makes % safe and % refused).",
           "Rates in %, with 95% bootstrap intervals over items in brackets (for MCQ: acc_norm's).", "",
           *lines, ""]
     common.write_atomic(folder / "report.md", "\n".join(md))
@@ -275,6 +279,9 @@ def main(argv=None):
     ap.add_argument("--sizes", choices=sorted(SIZES), default="cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", choices=("fp32", "bf16", "auto"), default="auto")
+    ap.add_argument("--judge", default=evaluation.DEFAULT_JUDGE,
+                    help="the refusal judge of the safety and refusal columns (eval.py --judge; default: the "
+                         "shipped learned judge, docs/judge.md); the reward model's medians come with it")
     args = ap.parse_args(argv)
     missing = [f for f in ["alpaca_5000.json", "safety_only_data_Instructions.json", "pku_saferlhf_pairs.jsonl",
                            "helpful_alpaca_eval.jsonl", "xstest_human_labels_3models.csv", *HARMFUL, *MCQ.values()]

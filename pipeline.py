@@ -13,9 +13,10 @@ README shows each one to run alone):
                plus the base model's answers to ordinary instructions
   4. dpo       dpo.py: sigmoid DPO, beta 0.1, on the openings (first 4 words,
                --opening-words 4) of demo_data/prefs_train.jsonl, the openings
-               pairs and the ordinary pairs (base answer vs a refusal), with a
-               KL anchor to the base model on its own ordinary answers
-               (--anchor-ckpt; docs/helpfulness.md)
+               pairs, the ordinary pairs (base answer vs a refusal) and the
+               midway pairs (the rest of a base answer vs a refusal, from inside
+               it), with a KL anchor to the base model on its own ordinary
+               answers (--anchor-ckpt; docs/helpfulness.md)
   5. raft      raft.py: one best-of-K round scored by the offline refusal judge
   6. eval      eval.py on every stage's checkpoint, then one combined report
 DPO and RAFT start from the SIT checkpoint. The base model never refuses (0 of
@@ -56,10 +57,10 @@ DEMO = ROOT / "demo_data"
 SHARED = ROOT.parent / "shared" / "data"
 PAPER_BENCHMARKS = ["I-MaliciousInstructions.json", "I-CoNa.json", "I-Controversial.json"]
 
-# Minutes each stage takes on 2 CPU cores (docs/helpfulness.md: DPO with the anchor at
-# its uncontended 2.4 s per step): the time-left estimate scales these by how fast
-# this machine has been so far.
-EXPECTED_MINUTES = {"baseline": 1.4, "distill": 2.3, "sit": 3.8, "dpo": 12.0, "raft": 1.6, "eval": 4.0}
+# Minutes each stage takes on 2 CPU cores (docs/helpfulness.md: DPO's 345 steps with the
+# anchor at its uncontended 2.4 s per step): the time-left estimate scales these by how
+# fast this machine has been so far.
+EXPECTED_MINUTES = {"baseline": 1.4, "distill": 2.3, "sit": 3.8, "dpo": 13.8, "raft": 1.6, "eval": 4.0}
 
 # Stage settings: (full run, --quick smoke run).
 SETTINGS = {
@@ -78,19 +79,20 @@ class Clock:
     """Per-stage headers with elapsed time and an estimate of the time left."""
 
     def __init__(self, stages):
-        self.stages, self.start, self.done = stages, time.time(), []
+        self.stages, self.start, self.ran = stages, time.time(), {}  # ran: stage -> seconds it worked
 
     def header(self, i, name, what):
-        elapsed = time.time() - self.start
+        self.stage_start = time.time()
         left = sum(EXPECTED_MINUTES[s] for s in self.stages[i:]) * 60
-        done_expected = sum(EXPECTED_MINUTES[s] for s in self.done) * 60
-        if done_expected:
-            left *= elapsed / done_expected  # this machine's speed relative to the reference run
+        if self.ran:  # this machine's speed relative to the reference run, from the stages that did work
+            left *= sum(self.ran.values()) / (60 * sum(EXPECTED_MINUTES[s] for s in self.ran))
         print(f"\n=== [{i + 1}/{len(self.stages)}] {name}: {what}  "
-              f"(elapsed {elapsed / 60:.1f} min, about {left / 60:.0f} min left)", flush=True)
+              f"(elapsed {(time.time() - self.start) / 60:.1f} min, about {left / 60:.0f} min left)", flush=True)
 
     def finish(self, name):
-        self.done.append(name)
+        seconds = time.time() - self.stage_start
+        if seconds > 5:  # not a stage found finished and skipped
+            self.ran[name] = seconds
 
 
 def run_eval(ckpts: dict, out: Path, args) -> dict:
@@ -110,6 +112,8 @@ def distill(base: str, out: Path, quick: bool):
         demo_data/ordinary_train.jsonl (unfinished answers cut after their last sentence);
       * prefs_ordinary.jsonl: the same prompts, chosen = that answer, rejected = a refusal
         (the hand-written over-refusals of prefs_train's benign pairs, in turn);
+      * prefs_midway.jsonl: the same answers cut inside (midway_pairs), rejected = one of
+        prefs_train's safe refusals of harmful prompts, in turn: no refusal glued into an answer;
       * ordinary_answers.jsonl: those answers alone, DPO's KL anchor (dpo.py --anchor-data);
       * prefs_openings.jsonl: demo_data's, with each benign pair's stock helpful opener
         ("Good question. Here's what you need to know.") replaced by how the base model itself
@@ -139,7 +143,9 @@ def distill(base: str, out: Path, quick: bool):
     keep = [(p, a) for p, a in zip(ordinary, answers) if a and not evaluation.is_refusal(a)]
     sit = json.loads((DEMO / "sit_train.json").read_text(encoding="utf-8"))
     sit += [{"instruction": p, "input": "", "output": a} for p, a in keep]
-    refusals = [r["rejected"] for r in read_jsonl(DEMO / "prefs_train.jsonl") if r["kind"] == "benign"]
+    prefs = read_jsonl(DEMO / "prefs_train.jsonl")
+    refusals = [r["rejected"] for r in prefs if r["kind"] == "benign"]
+    midway = midway_pairs(keep, [r["chosen"] for r in prefs if r["kind"] == "harmful"])
     pairs = [{"prompt": p, "chosen": a, "rejected": refusals[i % len(refusals)], "category": "ordinary",
               "kind": "ordinary"} for i, (p, a) in enumerate(keep)]
     openings = read_jsonl(DEMO / "prefs_openings.jsonl")
@@ -152,12 +158,34 @@ def distill(base: str, out: Path, quick: bool):
             r["chosen"] = text
     out.mkdir(parents=True, exist_ok=True)
     raft.write_jsonl(out / "prefs_ordinary.jsonl", pairs)
+    raft.write_jsonl(out / "prefs_midway.jsonl", midway)
     raft.write_jsonl(out / "ordinary_answers.jsonl", [{"prompt": p, "response": a} for p, a in keep])
     raft.write_jsonl(out / "prefs_openings.jsonl", openings)
     common.write_atomic(out / "sit_train.json", json.dumps(sit, ensure_ascii=False, indent=1) + "\n")
     common.mark_finished(out)
     print(f"[distill] {len(keep)} of {len(ordinary)} ordinary answers kept; "
           f"{len(benign)} benign openings from the base model", flush=True)
+
+
+def midway_pairs(answers, refusals, seed=0):
+    """[(prompt, answer)] -> DPO pairs that start inside the answer: prefix = the
+    answer up to a sentence end or a comma (one of its first four, seeded),
+    chosen = the rest of the answer, rejected = a refusal (`refusals` in turn).
+    Against refusal sentences glued into ordinary answers ("To make a shopping
+    list, I must decline to provide a recipe."): the 4-word openings of the
+    other pairs only teach how an answer begins."""
+    import random
+    import re
+
+    pairs = []
+    for i, (prompt, answer) in enumerate(answers):
+        cuts = [m.end() for m in re.finditer(r"[.,!?:](?=\s)", answer) if len(answer[m.end():].split()) >= 4][:4]
+        if not cuts:
+            continue
+        cut = random.Random(f"{seed}-{i}").choice(cuts)
+        pairs.append({"prompt": prompt, "prefix": answer[:cut].strip(), "chosen": answer[cut:].strip(),
+                      "rejected": refusals[i % len(refusals)], "category": "ordinary", "kind": "midway"})
+    return pairs
 
 
 def combine_reports(stage_dirs: dict, out: Path):
@@ -223,15 +251,16 @@ def main(argv=None):
                     sft.main(common + ["--data", str(out / "distill" / "sit_train.json"), "--dtype", args.dtype]
                              + SETTINGS["sit"][q])
                 elif stage == "dpo":
+                    midway = out / "distill" / "prefs_midway.jsonl"  # empty in --quick: answers of 8 tokens
                     dpo.main(common + ["--data", str(DEMO / "prefs_train.jsonl"),
                                        "--data", str(out / "distill" / "prefs_openings.jsonl"),
-                                       "--data", str(out / "distill" / "prefs_ordinary.jsonl"),
-                                       "--opening-words", "4",
-                                       # kept close to the base model on its own ordinary answers
-                                       "--anchor-data", str(out / "distill" / "ordinary_answers.jsonl"),
-                                       "--anchor-ckpt", args.ckpt, "--anchor-batch-size", "1",
-                                       "--anchor-weight", "1.0",
-                                       "--dtype", args.dtype]
+                                       "--data", str(out / "distill" / "prefs_ordinary.jsonl")]
+                             + (["--data", str(midway)] if midway.stat().st_size else [])
+                             + ["--opening-words", "4",
+                                # kept close to the base model on its own ordinary answers
+                                "--anchor-data", str(out / "distill" / "ordinary_answers.jsonl"),
+                                "--anchor-ckpt", args.ckpt, "--anchor-batch-size", "1", "--anchor-weight", "1.0",
+                                "--dtype", args.dtype]
                              + SETTINGS["dpo"][q])
                 else:
                     raft.main(common + ["--prompts", str(DEMO / "raft_prompts.jsonl"), "--reward", "refusal",

