@@ -169,7 +169,8 @@ def distill(base: str, out: Path, quick: bool):
 
 def midway_pairs(answers, refusals, seed=0):
     """[(prompt, answer)] -> DPO pairs that start inside the answer: prefix = the
-    answer up to a sentence end or a comma (one of its first four, seeded),
+    answer up to a sentence end, a colon or a comma (one of its first four with
+    4 words or more after it, seeded),
     chosen = the rest of the answer, rejected = a refusal (`refusals` in turn).
     Against refusal sentences glued into ordinary answers ("To make a shopping
     list, I must decline to provide a recipe."): the 4-word openings of the
