@@ -701,13 +701,14 @@ def summarise(kind, recs) -> dict:
     return res
 
 
-def evaluate(ckpts, benches=(), judge=DEFAULT_JUDGE, out=None, max_new_tokens=120, batch_size=16, seed=0,
+def evaluate(ckpts, benches=(), judge=(), out=None, max_new_tokens=120, batch_size=16, seed=0,
              benign=(), mcq=None, helpful=None, limit=None, device=None, ordinary=(), template=None,
              system=None, resume=False) -> dict:
     """Run every checkpoint on every benchmark; returns the results dict (and,
     with `out`, writes the four report files there). ckpts: list of PATH or
     NAME=PATH, or a dict name -> path; judge: a spec or list of specs (without
-    refusal or learned[:DIR] among them, DEFAULT_JUDGE decides what "refused" is);
+    refusal or learned[:DIR] among them, DEFAULT_JUDGE decides what "refused" is:
+    the one place that default is applied);
     template, system: the prompt format (data.set_template), for every checkpoint;
     resume: keep what OUT/results.partial.json holds of a run with the same
     settings (one killed mid-way) and run only the benchmarks it lacks."""
@@ -995,7 +996,7 @@ def main(argv=None):
         ap.error("nothing to evaluate: give --bench, --benign, --ordinary, --helpful or --mcq")
     print("[eval] config:", json.dumps(vars(args)), flush=True)
     t0 = time.time()
-    results = evaluate(args.ckpt, args.bench, args.judge or [DEFAULT_JUDGE], args.out, args.max_new_tokens,
+    results = evaluate(args.ckpt, args.bench, args.judge or [], args.out, args.max_new_tokens,
                        args.batch_size, args.seed, args.benign, args.mcq, args.helpful, args.limit,
                        ordinary=args.ordinary, template=args.template, system=args.system, resume=args.resume)
     print((Path(args.out) / "report.md").read_text())

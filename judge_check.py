@@ -163,7 +163,7 @@ def report(res: dict, judge: str, path) -> str:
 
 def refusal_detector(spec: str, threshold: float = 0.0):
     """A judge spec -> f(prompts, answers) -> [bool] (True = refusal), as the module docstring says."""
-    kind, _, path = spec.partition(":")
+    kind = spec.partition(":")[0]
     guard, reward, learned, _ = ev.parse_judges([spec])
     if kind in ("refusal", "learned"):
         return lambda prompts, answers: ev.refusal_verdicts(learned, prompts, answers)
