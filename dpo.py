@@ -80,6 +80,9 @@ def build_parser():
                          "(e.g. the model before SIT); it must share the policy's tokenizer")
     ap.add_argument("--anchor-weight", type=float, default=1.0, help="weight of the anchor's KL term")
     ap.add_argument("--anchor-batch-size", type=int, default=2, help="anchor answers per optimiser step")
+    ap.add_argument("--anchor-every", type=int, default=1, metavar="N",
+                    help="the anchor on every N-th step only, its weight times N (the same gradient on average, "
+                         "1/N of its cost: it is a whole answer's forward and backward)")
     ap.add_argument("--anchor-top-k", type=int, default=64,
                     help="the starting model's distributions are kept as their k likeliest tokens (top_k_kl)")
     ap.add_argument("--balance-by", metavar="FIELD",
@@ -249,6 +252,8 @@ def check_dpo_args(args):
         raise ValueError(f"--anchor-weight {args.anchor_weight}: must be >= 0")
     if args.anchor_batch_size < 1:
         raise ValueError(f"--anchor-batch-size {args.anchor_batch_size}: must be >= 1")
+    if args.anchor_every < 1:
+        raise ValueError(f"--anchor-every {args.anchor_every}: must be >= 1")
     if args.anchor_top_k < 1:
         raise ValueError(f"--anchor-top-k {args.anchor_top_k}: must be >= 1")
     if args.anchor_ckpt and not args.anchor_data:
@@ -315,15 +320,17 @@ def main(argv=None):
         step_pairs = sum(len(b) for b in micro)  # pairs in the whole step, all ranks: the loss denominator
         totals = torch.zeros(1 + len(metric_names), device=run.device)  # loss, then metrics, summed over pairs
         seen = 0
-        if anchor:  # the KL anchor: its own small batch, the same for every micro-batch split of the step
-            local = anchor_indices(step, len(anchor), args.anchor_batch_size, args.seed)[run.rank::run.world]
+        anchored = anchor and step % args.anchor_every == 0
+        if anchored:  # the KL anchor: its own small batch, the same for every micro-batch split of the step
+            draw = step // args.anchor_every  # the anchor's own step count: its examples in the same order
+            local = anchor_indices(draw, len(anchor), args.anchor_batch_size, args.seed)[run.rank::run.world]
             batch = data.collate_sft([anchor[i] for i in local], tok.pad_id)
             sync_later = net.no_sync() if run.world > 1 else contextlib.nullcontext()  # synced by the last pair batch
             with sync_later, common.autocast(args, run.device):
                 hidden, _ = anchor_hidden(net, batch, run.device)
                 ref = [torch.cat(parts) for parts in zip(*(targets[i] for i in local))]
                 kl = losses.top_k_kl(hidden, model.lm_head_weight, *ref).mean()  # per answer token
-                (args.anchor_weight * kl).backward()
+                (args.anchor_weight * args.anchor_every * kl).backward()
             totals[-1] += kl.detach() * step_pairs / run.world  # logged as a mean over ranks
             seen += int(batch["attention_mask"].sum())
         for k, indices in enumerate(micro):
@@ -360,7 +367,7 @@ def main(argv=None):
 
         tokens = int(run.sum(torch.tensor(seen)))
         row = {"step": step + 1, "loss": float(totals[0]),
-               **{n: float(v) for n, v in zip(metric_names, totals[1:])},
+               **{n: float(v) for n, v in zip(metric_names, totals[1:]) if n != "anchor/kl" or anchored},
                "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
                "tokens_per_s": tokens / (time.time() - t0), "s_per_step": time.time() - t0}
         log.write(row)

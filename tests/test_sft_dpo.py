@@ -378,3 +378,28 @@ def test_reference_cache_follows_the_checkpoint_weights(ckpt, toy_prefs, tmp_pat
     capsys.readouterr()
     dpo.main(args(str(copy), toy_prefs, tmp_path / "a", "--max-steps", 1, "--overwrite"))
     assert "made for other data or settings; recomputing" in capsys.readouterr().out
+
+
+def test_dpo_anchor_every_n_steps_carries_n_times_the_weight(ckpt, toy_prefs, memo_set, tmp_path):
+    """--anchor-every 2: the anchor runs on steps 1, 3, ... with twice its weight, so its
+    first step is --anchor-weight 2's on every step (same weights after it), and the
+    steps between log no anchor/kl."""
+    dpo.main(args(ckpt, toy_prefs, tmp_path / "moved", "--max-steps", 3, "--lr", 3e-3))  # KL to ckpt > 0 from here
+    anchored = ("--anchor-data", memo_set, "--anchor-ckpt", ckpt, "--anchor-batch-size", len(PROMPTS), "--lr", 3e-3)
+    dpo.main(args(tmp_path / "moved", toy_prefs, tmp_path / "every2", "--max-steps", 2, "--anchor-every", 2,
+                  *anchored))
+    dpo.main(args(tmp_path / "moved", toy_prefs, tmp_path / "weight2", "--max-steps", 1, "--anchor-weight", 2.0,
+                  *anchored))
+    dpo.main(args(tmp_path / "moved", toy_prefs, tmp_path / "every2_first", "--max-steps", 1, "--anchor-every", 2,
+                  *anchored))
+    dpo.main(args(tmp_path / "moved", toy_prefs, tmp_path / "weight1", "--max-steps", 1, *anchored))
+    rows = log(tmp_path / "every2")
+    assert rows[0]["anchor/kl"] > 1e-3 and "anchor/kl" not in rows[1]
+    weights = {name: load_file(str(tmp_path / name / "model.safetensors")) for name in ("every2_first", "weight2",
+                                                                                         "weight1")}
+    for key, value in weights["weight2"].items():
+        torch.testing.assert_close(weights["every2_first"][key], value)
+    assert any(not torch.equal(weights["weight1"][k], v) for k, v in weights["weight2"].items())  # the weight matters
+    with pytest.raises(ValueError, match="--anchor-every 0: must be >= 1"):
+        dpo.main(args(ckpt, toy_prefs, tmp_path / "bad", "--max-steps", 1, "--anchor-data", memo_set,
+                      "--anchor-every", 0))
