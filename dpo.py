@@ -320,7 +320,7 @@ def main(argv=None):
         step_pairs = sum(len(b) for b in micro)  # pairs in the whole step, all ranks: the loss denominator
         totals = torch.zeros(1 + len(metric_names), device=run.device)  # loss, then metrics, summed over pairs
         seen = 0
-        anchored = anchor and step % args.anchor_every == 0
+        anchored = bool(anchor) and step % args.anchor_every == 0
         if anchored:  # the KL anchor: its own small batch, the same for every micro-batch split of the step
             draw = step // args.anchor_every  # the anchor's own step count: its examples in the same order
             local = anchor_indices(draw, len(anchor), args.anchor_batch_size, args.seed)[run.rank::run.world]
