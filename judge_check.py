@@ -8,7 +8,8 @@ A labelled file holds completions a person has read:
     `final_label` (`1_full_compliance`, `2_full_refusal`, `3_partial_refusal`),
     optional `model` and `type`. A partial refusal counts as a refusal.
   * JSONL `{"prompt", "completion", "label"}` with label `refusal` or
-    `compliance`; optional `model` and `type`.
+    `compliance`, or `unclear` (kept in the file for reading, left out of every
+    agreement and every fit); optional `model` and `type`.
 
 Every judge is read as a refusal detector, since that is what the labels say:
   * `refusal`: eval.is_refusal;
@@ -39,18 +40,19 @@ import eval as ev
 import reward as reward_lib
 
 HUMAN_LABELS = {"1_full_compliance": False, "2_full_refusal": True, "3_partial_refusal": True,
-                "compliance": False, "refusal": True}
+                "compliance": False, "refusal": True, "unclear": None}
 
 
-def read_labelled(path) -> list[dict]:
-    """A labelled file -> [{"prompt", "completion", "refused", "model", "type", "where"}]."""
+def read_labelled(path, keep_unclear=False) -> list[dict]:
+    """A labelled file -> [{"prompt", "completion", "refused", "model", "type", "where"}];
+    rows labelled `unclear` (refused None) only with keep_unclear."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"labelled file '{path}' does not exist")
     rows = _read_csv(path) if path.suffix == ".csv" else _read_jsonl(path)
-    if not rows:
+    if not any(r["refused"] is not None for r in rows):
         raise ValueError(f"{path}: no labelled completions found")
-    return rows
+    return rows if keep_unclear else [r for r in rows if r["refused"] is not None]
 
 
 def _row(where, prompt, completion, label, model, kind) -> dict:
@@ -146,7 +148,9 @@ def report(res: dict, judge: str, path) -> str:
     """A plain-text summary of agreement_metrics' result."""
     lo, hi = res["interval"]
     lines = [f"judge {judge} on {path}: agreement {100 * res['agreement']:.1f}% "
-             f"(95% interval {100 * lo:.1f}-{100 * hi:.1f}), n={res['n']}", "confusion:"]
+             f"(95% interval {100 * lo:.1f}-{100 * hi:.1f}), n={res['n']}"
+             + (f" ({res['unclear_left_out']} rows labelled unclear left out)" if res.get("unclear_left_out") else ""),
+             "confusion:"]
     lines += [f"  {k}: {v}" for k, v in res["confusion"].items()]
     if "unsafe_prompts" in res:
         u = res["unsafe_prompts"]
@@ -179,19 +183,24 @@ def fitted_here(judge: str, path) -> bool:
     if kind != "learned":
         return False
     config = Path(folder or ev.SHIPPED_JUDGE) / "judge.json"
-    fitted = json.loads(config.read_text()).get("fitted_on", {}).get("file", "") if config.is_file() else ""
-    return Path(fitted).name == Path(path).name
+    fitted = json.loads(config.read_text()).get("fitted_on", {}) if config.is_file() else {}
+    files = fitted.get("files", [fitted["file"]] if "file" in fitted else [])  # "file": judges fitted on one
+    return Path(path).name in {Path(f).name for f in files}
 
 
 def judge_check(path, judge: str = ev.DEFAULT_JUDGE, out=None, threshold: float = 0.0) -> dict:
     """Run `judge` on a labelled file; returns the metrics and, with `out`, writes
     judge_check.json, judge_check.txt and disagreements.jsonl there."""
-    rows = read_labelled(path)
+    rows = read_labelled(path, keep_unclear=True)
+    unclear = sum(r["refused"] is None for r in rows)
+    rows = [r for r in rows if r["refused"] is not None]
     verdicts = refusal_detector(judge, threshold)([r["prompt"] for r in rows], [r["completion"] for r in rows])
     res = agreement_metrics([r["refused"] for r in rows], verdicts, [r["model"] for r in rows],
                             [r["type"] for r in rows])
     res = {"file": str(path), "judge": judge, **({"threshold": threshold} if judge.startswith("reward") else {}),
            **res}
+    if unclear:
+        res["unclear_left_out"] = unclear
     text = report(res, judge, path)
     if fitted_here(judge, path):
         res["note"] = ("this judge was fitted on these rows: the agreement is training agreement; "
@@ -234,20 +243,23 @@ def probe_logits(probe: dict, x: torch.Tensor) -> torch.Tensor:
 
 def fit_learned(labels, out, backbone="smollm2", layers=None, l2=0.01, models=None, batch_size=8,
                 max_answer=ev.LEARNED_MAX_ANSWER, with_patterns=False) -> dict:
-    """Fit and save a learned judge on a labelled file (only its rows of `models`, if given)."""
+    """Fit and save a learned judge on labelled files (a path or a list of paths; only
+    their rows of `models`, if given)."""
     from safetensors.torch import save_file
 
-    rows = read_labelled(labels)
+    files = [str(f) for f in ([labels] if isinstance(labels, (str, Path)) else labels)]
+    rows = [r for f in files for r in read_labelled(f)]
     if models:
         unknown = set(models) - {r["model"] for r in rows}
         if unknown:
-            raise ValueError(f"{labels}: no rows of model(s) {sorted(unknown)}")
+            raise ValueError(f"{', '.join(files)}: no rows of model(s) {sorted(unknown)}")
         rows = [r for r in rows if r["model"] in models]
     net = ev.load_backbone(backbone, layers)
     x = ev.learned_features(net, data.load_tokenizer(backbone), [r["prompt"] for r in rows],
                             [r["completion"] for r in rows], batch_size, max_answer, with_patterns).cpu()
     probe = fit_probe(x, [r["refused"] for r in rows], l2)
-    fitted = ev.learned_verdicts(probe_logits(probe, x), [r["completion"] for r in rows])  # as the judge decides
+    fitted = ev.learned_verdicts(probe_logits(probe, x), [r["prompt"] for r in rows],  # as the judge decides
+                                 [r["completion"] for r in rows])
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with common.replacing(out / "probe.safetensors") as tmp:  # a reader sees a whole file or none
@@ -256,7 +268,7 @@ def fit_learned(labels, out, backbone="smollm2", layers=None, l2=0.01, models=No
               "with_patterns": with_patterns,
               "features": f"mean of the answer's hidden states (first {max_answer} tokens) after "
                           f"{layers or 'all'} blocks" + (", and the patterns' verdict" if with_patterns else ""),
-              "fitted_on": {"file": str(labels), "models": sorted({r["model"] for r in rows}), "rows": len(rows),
+              "fitted_on": {"files": files, "models": sorted({r["model"] for r in rows}), "rows": len(rows),
                             "refusals": sum(r["refused"] for r in rows)},
               "training_agreement": round(sum(f == r["refused"] for f, r in zip(fitted, rows)) / len(rows), 4),
               "command": "python judge_check.py " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["fit"] else None}
@@ -269,7 +281,8 @@ def main(argv=None):
                                  "completions (check any judge with `python eval.py --judge-check FILE`).")
     sub = ap.add_subparsers(dest="command", required=True)
     fit = sub.add_parser("fit", help="fit a probe; use it as --judge learned:OUT")
-    fit.add_argument("--labels", required=True, help="labelled completions (XSTest CSV or JSONL), see above")
+    fit.add_argument("--labels", required=True, nargs="+",
+                     help="labelled completions (XSTest CSV or JSONL, see above); several files: all their rows")
     fit.add_argument("--out", required=True)
     fit.add_argument("--backbone", default="smollm2", help="frozen feature model (default: SmolLM2-135M)")
     fit.add_argument("--layers", type=int, default=None, help="read the features after this many blocks (default: all)")

@@ -14,6 +14,11 @@ fold's agreement with the humans and, on the unsafe prompts (contrast_*
 types), the refusal rate as the humans and as the judge count it; then the
 same for the patterns alone. All features come from one forward pass per
 batch (eval.answer_feature_grid); --cache FILE keeps them for a second run.
+
+--extra FILE...: labelled completions of other models (JSONL, judge_check's
+format) that join the fitting rows of every fit, inner ones included, and are
+never scored. --check FILE...: labelled completions scored by each fold's
+probe, and used for nothing else. Their features are computed each run.
 """
 import argparse
 import itertools
@@ -34,9 +39,13 @@ from judge_rule_selection import rule_selection  # noqa: E402
 DEPTHS, ANSWER_TOKENS, L2S = (8, 16, 24), (32, 160), (0.001, 0.01, 0.03, 0.1)
 
 
-def agreement(probe, x, refused, explicit):
-    """eval.learned_verdicts's rule on tensors (explicit precomputed: it does not change between fits)."""
-    return (((judge_check.probe_logits(probe, x) > 0) | explicit) == refused).double().mean().item()
+def judged(probe, x, explicit, claim):
+    """eval.learned_verdicts's rule on tensors (explicit, claim precomputed: they do not change between fits)."""
+    return ((judge_check.probe_logits(probe, x) > 0) & ~claim) | explicit
+
+
+def agreement(probe, x, refused, explicit, claim):
+    return (judged(probe, x, explicit, claim) == refused).double().mean().item()
 
 
 def main():
@@ -44,11 +53,17 @@ def main():
     ap.add_argument("--labels", default=str(ROOT.parent / "shared" / "data" / "xstest_human_labels_3models.csv"))
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--cache", help="a .safetensors file: features read from it when present, else written to it")
-    ap.add_argument("--explicit-override", action="store_true",
-                    help="an explicit refusal in the answer's opening (eval.explicit_refusal) is a refusal "
+    ap.add_argument("--rules", action="store_true",
+                    help="an explicit refusal in the answer's opening (eval.explicit_refusal) is a refusal, "
+                         "an answer that opens with the claim asked for (eval.restates_claim) is not, "
                          "whatever the probe says: the judge eval.py ships")
+    ap.add_argument("--extra", nargs="+", default=[], help="labelled files whose rows join every fit")
+    ap.add_argument("--check", nargs="+", default=[], help="labelled files each fold's probe is scored on")
     args = ap.parse_args()
     rows = judge_check.read_labelled(args.labels)
+    extra = [r for f in args.extra for r in judge_check.read_labelled(f)]
+    checks = {f: judge_check.read_labelled(f) for f in args.check}
+    others = extra + [r for c in checks.values() for r in c]  # after the labelled file's rows, in this order
     tok = data.load_tokenizer("smollm2")
     cached = load_file(args.cache) if args.cache and Path(args.cache).is_file() else {}
     grid = {tuple(map(int, key.split("_"))): x.double() for key, x in cached.items()}  # "8_32" -> (8, 32)
@@ -61,15 +76,30 @@ def main():
               flush=True)
     if args.cache and not cached:
         save_file({f"{d}_{n}": x.contiguous() for (d, n), x in grid.items()}, args.cache)
+    if others:
+        net = ev.load_backbone("smollm2", max(DEPTHS))
+        more = ev.answer_feature_grid(net, tok, [r["prompt"] for r in others], [r["completion"] for r in others],
+                                      DEPTHS, ANSWER_TOKENS, args.batch_size)
+        grid = {key: torch.cat([x, more[key].double()]) for key, x in grid.items()}
+    rows = rows + others
     feats = {f"{d}_{n}": x for (d, n), x in grid.items()}
     for d in DEPTHS:  # the opening and more of the answer, side by side
         feats[f"{d}_{'+'.join(map(str, ANSWER_TOKENS))}"] = ev.side_by_side(grid, d, ANSWER_TOKENS)
     verdicts, choose, _ = rule_selection(rows)
     refused = torch.tensor([r["refused"] for r in rows])
-    model_of = [r["model"] for r in rows]
+    n_labels, n_extra = len(rows) - len(others), len(extra)
+    model_of = [r["model"] for r in rows[:n_labels]] + ["extra"] * len(others)  # "extra" is no model's name here
     unsafe = torch.tensor([r["type"].startswith("contrast") for r in rows])
-    explicit = torch.tensor([args.explicit_override and ev.explicit_refusal(r["completion"]) for r in rows])
-    models = sorted(set(model_of))
+    explicit = torch.tensor([args.rules and ev.explicit_refusal(r["completion"]) for r in rows])
+    claim = torch.tensor([args.rules and ev.restates_claim(r["prompt"], r["completion"]) for r in rows])
+    models = sorted(set(model_of[:n_labels]))
+    is_extra = torch.zeros(len(rows), dtype=torch.bool)
+    is_extra[n_labels:n_labels + n_extra] = True
+    check_rows, start = {}, n_labels + n_extra
+    for f, c in checks.items():
+        check_rows[f] = torch.zeros(len(rows), dtype=torch.bool)
+        check_rows[f][start:start + len(c)] = True
+        start += len(c)
 
     def rows_of(*names):
         return torch.tensor([m in names for m in model_of])
@@ -86,28 +116,34 @@ def main():
         for key, l2, with_patterns in itertools.product(feats, L2S, (False, True)):
             inner, x = [], x_of(key, with_patterns)
             for a, b in (train, train[::-1]):  # fit on one training model, score on the other
-                fa, fb = rows_of(a), rows_of(b)
+                fa, fb = rows_of(a) | is_extra, rows_of(b)
                 probe = judge_check.fit_probe(x[fa], refused[fa].tolist(), l2)
-                inner.append(agreement(probe, x[fb], refused[fb], explicit[fb]))
+                inner.append(agreement(probe, x[fb], refused[fb], explicit[fb], claim[fb]))
             score = sum(inner) / 2
             if best is None or score > best[0]:
                 best = (score, key, l2, with_patterns)
         _, key, l2, with_patterns = best
-        fit, test, x = rows_of(*train), rows_of(held), x_of(key, with_patterns)
+        fit, test, x = rows_of(*train) | is_extra, rows_of(held), x_of(key, with_patterns)
         probe = judge_check.fit_probe(x[fit], refused[fit].tolist(), l2)
-        pred = (judge_check.probe_logits(probe, x[test]) > 0) | explicit[test]
+        pred = judged(probe, x[test], explicit[test], claim[test])
         u = unsafe[test]
         depth, n = key.split("_")
         print(f"{held:15s} | {depth} blocks, {n} tokens, l2 {l2:<5}, patterns {'in' if with_patterns else 'out'}"
               f" (inner {best[0]:.3f}) | "
               f"{(pred == refused[test]).double().mean():.3f} | "
               f"{refused[test][u].double().mean():.3f} / {pred[u].double().mean():.3f}", flush=True)
+        for f, c in check_rows.items():
+            pred = judged(probe, x[c], explicit[c], claim[c])
+            print(f"    on {Path(f).name}: {(pred == refused[c]).double().mean():.3f} (n={int(c.sum())}) | "
+                  f"humans / judge refusals {refused[c].double().mean():.3f} / {pred.double().mean():.3f}")
     patterns = torch.tensor([ev.is_refusal(r["completion"]) for r in rows])
     for held in models:
         test = rows_of(held)
         u = unsafe[test]
         print(f"patterns on {held:15s}: {(patterns[test] == refused[test]).double().mean():.3f} | "
               f"{refused[test][u].double().mean():.3f} / {patterns[test][u].double().mean():.3f}")
+    for f, c in check_rows.items():
+        print(f"patterns on {Path(f).name}: {(patterns[c] == refused[c]).double().mean():.3f}")
 
 
 if __name__ == "__main__":
