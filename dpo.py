@@ -83,6 +83,9 @@ def build_parser():
     ap.add_argument("--anchor-every", type=int, default=1, metavar="N",
                     help="the anchor on every N-th step only, its weight times N (the same gradient on average, "
                          "1/N of its cost: it is a whole answer's forward and backward)")
+    ap.add_argument("--anchor-answer-tokens", type=int, default=0, metavar="N",
+                    help="> 0: the anchor reads each answer's first N tokens only (its cost shrinks with N); "
+                         "0 = whole answers")
     ap.add_argument("--anchor-top-k", type=int, default=64,
                     help="the starting model's distributions are kept as their k likeliest tokens (top_k_kl)")
     ap.add_argument("--balance-by", metavar="FIELD",
@@ -218,6 +221,11 @@ def anchor_targets(model, examples, args, run):
     return targets
 
 
+def cut_answers(examples, n):
+    """tokenize_sft's examples with each answer cut to its first n tokens (n = 0: whole)."""
+    return [{**ex, "input_ids": ex["input_ids"][:ex["n_prompt"] + n]} for ex in examples] if n else examples
+
+
 def anchor_hidden(net, batch, device):
     """Hidden states [M, H] that predict the answer tokens of an SFT batch, and the
     [B, T-1] mask that picks them (losses.response_hidden)."""
@@ -254,6 +262,8 @@ def check_dpo_args(args):
         raise ValueError(f"--anchor-batch-size {args.anchor_batch_size}: must be >= 1")
     if args.anchor_every < 1:
         raise ValueError(f"--anchor-every {args.anchor_every}: must be >= 1")
+    if args.anchor_answer_tokens < 0:
+        raise ValueError(f"--anchor-answer-tokens {args.anchor_answer_tokens}: must be >= 0")
     if args.anchor_top_k < 1:
         raise ValueError(f"--anchor-top-k {args.anchor_top_k}: must be >= 1")
     if args.anchor_ckpt and not args.anchor_data:
@@ -282,6 +292,7 @@ def main(argv=None):
         anchor_stats = {"loaded": {}}
         examples = [ex for path in args.anchor_data for ex in data.load_instructions(path, anchor_stats["loaded"])]
         anchor, anchor_stats["tokenize"] = data.tokenize_sft(tok, examples, args.max_len)
+        anchor = cut_answers(anchor, args.anchor_answer_tokens)
         if min(len(anchor), args.anchor_batch_size) < run.world:
             raise ValueError(f"--anchor-data: {len(anchor)} examples fit --max-len and --anchor-batch-size is "
                              f"{args.anchor_batch_size}; each of the {run.world} ranks needs one")

@@ -380,6 +380,28 @@ def test_reference_cache_follows_the_checkpoint_weights(ckpt, toy_prefs, tmp_pat
     assert "made for other data or settings; recomputing" in capsys.readouterr().out
 
 
+def test_dpo_anchor_answer_tokens_cuts_each_anchor_answer(ckpt, toy_prefs, memo_set, tmp_path):
+    """--anchor-answer-tokens N: the anchor reads each answer's first N tokens; N at
+    least as long as every answer changes nothing, a short N changes the step."""
+    examples = [{"input_ids": [1, 2, 3, 4, 5, 6], "n_prompt": 2, "index": 0},
+                {"input_ids": [1, 2, 3], "n_prompt": 2, "index": 1}]
+    assert [e["input_ids"] for e in dpo.cut_answers(examples, 2)] == [[1, 2, 3, 4], [1, 2, 3]]
+    assert dpo.cut_answers(examples, 0) is examples
+    dpo.main(args(ckpt, toy_prefs, tmp_path / "moved", "--max-steps", 3, "--lr", 3e-3))  # KL to ckpt > 0 from here
+    anchored = ("--anchor-data", memo_set, "--anchor-ckpt", ckpt, "--anchor-batch-size", len(PROMPTS), "--lr", 3e-3,
+                "--max-steps", 1)
+    for name, extra in (("whole", ()), ("long", ("--anchor-answer-tokens", 1000)), ("short", ("--anchor-answer-tokens", 1))):
+        dpo.main(args(tmp_path / "moved", toy_prefs, tmp_path / name, *anchored, *extra))
+    weights = {name: load_file(str(tmp_path / name / "model.safetensors")) for name in ("whole", "long", "short")}
+    for key, value in weights["whole"].items():
+        torch.testing.assert_close(weights["long"][key], value)
+    assert any(not torch.equal(weights["short"][k], v) for k, v in weights["whole"].items())
+    assert log(tmp_path / "short")[0]["anchor/kl"] != log(tmp_path / "whole")[0]["anchor/kl"]
+    with pytest.raises(ValueError, match="--anchor-answer-tokens -1: must be >= 0"):
+        dpo.main(args(ckpt, toy_prefs, tmp_path / "bad", "--max-steps", 1, "--anchor-data", memo_set,
+                      "--anchor-answer-tokens", -1))
+
+
 def test_dpo_anchor_every_n_steps_carries_n_times_the_weight(ckpt, toy_prefs, memo_set, tmp_path):
     """--anchor-every 2: the anchor runs on steps 1, 3, ... with twice its weight, so its
     first step is --anchor-weight 2's on every step (same weights after it), and the
