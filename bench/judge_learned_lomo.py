@@ -87,22 +87,18 @@ def main():
         feats[f"{d}_{'+'.join(map(str, ANSWER_TOKENS))}"] = ev.side_by_side(grid, d, ANSWER_TOKENS)
     verdicts, choose, _ = rule_selection(rows)
     refused = torch.tensor([r["refused"] for r in rows])
-    n_labels, n_extra = len(rows) - len(others), len(extra)
-    model_of = [r["model"] for r in rows[:n_labels]] + ["extra"] * len(others)  # "extra" is no model's name here
+    # where each row comes from: its model for the labelled file's rows, else ("extra",) or ("check", FILE)
+    source = ([r["model"] for r in rows[:len(rows) - len(others)]] + [("extra",)] * len(extra)
+              + [("check", f) for f, c in checks.items() for _ in c])
     unsafe = torch.tensor([r["type"].startswith("contrast") for r in rows])
     explicit = torch.tensor([args.rules and ev.explicit_refusal(r["completion"]) for r in rows])
     claim = torch.tensor([args.rules and ev.restates_claim(r["prompt"], r["completion"]) for r in rows])
-    models = sorted(set(model_of[:n_labels]))
-    is_extra = torch.zeros(len(rows), dtype=torch.bool)
-    is_extra[n_labels:n_labels + n_extra] = True
-    check_rows, start = {}, n_labels + n_extra
-    for f, c in checks.items():
-        check_rows[f] = torch.zeros(len(rows), dtype=torch.bool)
-        check_rows[f][start:start + len(c)] = True
-        start += len(c)
+    models = sorted({s for s in source if isinstance(s, str)})
+    is_extra = torch.tensor([s == ("extra",) for s in source])
+    check_rows = {f: torch.tensor([s == ("check", f) for s in source]) for f in checks}
 
     def rows_of(*names):
-        return torch.tensor([m in names for m in model_of])
+        return torch.tensor([s in names for s in source])
 
     print("\nheld-out model | chosen on the other two | agreement | unsafe prompts: humans / judge refusals")
     for held in models:
