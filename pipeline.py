@@ -15,8 +15,9 @@ README shows each one to run alone):
                --opening-words 4) of demo_data/prefs_train.jsonl, the openings
                pairs, the ordinary pairs (base answer vs a refusal) and the
                midway pairs (the rest of a base answer vs a refusal, from inside
-               it), with a KL anchor to the base model on its own ordinary
-               answers (--anchor-ckpt; docs/helpfulness.md)
+               it), with a KL anchor to the base model on the first 64 tokens
+               of its own ordinary answers (--anchor-ckpt, --anchor-answer-tokens;
+               docs/helpfulness.md)
   5. raft      raft.py: one best-of-K round scored by the offline refusal judge
   6. eval      eval.py on every stage's checkpoint, then one combined report
 DPO and RAFT start from the SIT checkpoint. The base model never refuses (0 of
@@ -261,6 +262,7 @@ def main(argv=None):
                                 # kept close to the base model on its own ordinary answers
                                 "--anchor-data", str(out / "distill" / "ordinary_answers.jsonl"),
                                 "--anchor-ckpt", args.ckpt, "--anchor-batch-size", "1", "--anchor-weight", "1.0",
+                                "--anchor-answer-tokens", "64",
                                 "--dtype", args.dtype]
                              + SETTINGS["dpo"][q])
                 else:
