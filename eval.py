@@ -974,7 +974,7 @@ def main(argv=None):
     ap.add_argument("--out")
     ap.add_argument("--rejudge", metavar="DIR",
                     help="re-judge DIR/generations.jsonl with a refusal judge (--judge learned[:DIR], the default, "
-                         "or refusal)")
+                         "or refusal) and rewrite DIR's report in place (copy DIR first to keep it)")
     ap.add_argument("--judge-check", metavar="FILE",
                     help="agreement of --judge with human labels in FILE (XSTest CSV or JSONL; see judge_check.py)")
     ap.add_argument("--threshold", type=float, default=0.0,
@@ -1007,6 +1007,9 @@ def main(argv=None):
         judges = args.judge or [DEFAULT_JUDGE]
         if len(judges) != 1:
             ap.error("--rejudge re-judges with one refusal judge: give --judge once")
+        if args.out:  # it would be ignored, and DIR's report rewritten when the user meant to keep it
+            ap.error(f"--rejudge rewrites {args.rejudge}'s report in place; --out is not used "
+                     "(copy the folder first to keep its report)")
         try:
             rejudge(args.rejudge, judges[0], args.batch_size)
         except (OSError, ValueError) as e:

@@ -1,6 +1,6 @@
 """The main job, end to end: make SmolLM2-135M-Instruct safe on a laptop CPU.
 
-    python pipeline.py                  # the full demo (about 30 minutes on 2 CPU cores)
+    python pipeline.py                  # the full demo (about 25 minutes on 2 CPU cores)
     python pipeline.py --quick          # a smoke run: a few steps and prompts per stage (CI)
 
 Stages, in order (each is the scripts' own command, called in-process; the
@@ -59,9 +59,10 @@ SHARED = ROOT.parent / "shared" / "data"
 PAPER_BENCHMARKS = ["I-MaliciousInstructions.json", "I-CoNa.json", "I-Controversial.json"]
 
 # Minutes each stage takes on 2 CPU cores (docs/helpfulness.md: DPO's 345 steps with the
-# anchor at its uncontended 2.4 s per step): the time-left estimate scales these by how
+# whole-answer anchor at its uncontended 2.4 s per step, times 0.89 for the anchor on 64
+# answer tokens, bench/bench_dpo_anchor.py): the time-left estimate scales these by how
 # fast this machine has been so far.
-EXPECTED_MINUTES = {"baseline": 1.4, "distill": 2.3, "sit": 3.8, "dpo": 13.8, "raft": 1.6, "eval": 4.0}
+EXPECTED_MINUTES = {"baseline": 1.4, "distill": 2.3, "sit": 3.8, "dpo": 12.3, "raft": 1.6, "eval": 4.0}
 
 # Stage settings: (full run, --quick smoke run).
 SETTINGS = {

@@ -4,7 +4,7 @@ data and SIT checkpoint, forward + backward under bf16 autocast as the
 pipeline trains on a CPU with bf16 (no optimiser step: it is the same for all).
 
     python pipeline.py                      # once: runs/pipeline/{distill,sit}
-    OMP_NUM_THREADS=2 python bench/bench_dpo_anchor.py [--run runs/pipeline --steps 8]
+    OMP_NUM_THREADS=2 python bench/bench_dpo_anchor.py [--run runs/pipeline --steps 8 --cut 64]
 
   pairs        the step's 8 pairs alone (data.collate_pairs, chunked log-probs)
   anchor       the anchor's answer alone (its own forward, losses.top_k_kl)
@@ -14,6 +14,9 @@ pipeline trains on a CPU with bf16 (no optimiser step: it is the same for all).
   joined       the anchor's row inside the pairs' forward (both right-padded
                to one length, the anchor row in segment 0), one backward: the
                same losses, one pass through the weights instead of two
+  anchor-cut   the anchor on its answer's first --cut tokens (dpo.py
+               --anchor-answer-tokens, the pipeline's 64)
+  separate-cut pairs, then anchor-cut: the pipeline's step
 
 The anchor's KL targets are the SIT model's own top-64 distributions (what
 they hold does not change the cost). Prints seconds per step (median of the
@@ -41,6 +44,7 @@ def main():
     ap.add_argument("--run", default="runs/pipeline", help="a finished pipeline.py run")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--cut", type=int, default=64, help="anchor-cut's answer tokens")
     args = ap.parse_args()
     run = Path(args.run)
     distill = run / "distill"
@@ -50,6 +54,7 @@ def main():
     pairs = [p for f in files for p in data.load_preferences(f, {})]
     train, _ = data.tokenize_pairs(tok, pairs, 256, [4] * len(pairs))
     anchor, _ = data.tokenize_sft(tok, data.load_instructions(distill / "ordinary_answers.jsonl", {}), 256)
+    anchor_cut = dpo.cut_answers(anchor, args.cut)
     net = model_lib.load_model(str(run / "sit"), dtype=torch.float32).train()
     weight = net.lm_head_weight
     rng = random.Random(0)
@@ -59,6 +64,8 @@ def main():
         for _, a in plan:
             hidden, _ = dpo.anchor_hidden(net, data.collate_sft([anchor[a]], tok.pad_id), "cpu")
             targets[a] = losses.top_k_distribution(hidden, weight, 64)
+            hidden, _ = dpo.anchor_hidden(net, data.collate_sft([anchor_cut[a]], tok.pad_id), "cpu")
+            targets["cut", a] = losses.top_k_distribution(hidden, weight, 64)
 
     def pair_loss(hidden, batch):  # [b, T, H] -> a DPO-like scalar (the cost is the log-probs')
         per_token = losses.response_token_logps(hidden, weight, batch["input_ids"], batch["loss_mask"], "chunked")
@@ -71,12 +78,13 @@ def main():
         pair_loss(net(batch["input_ids"], batch["attention_mask"], return_hidden=True,
                       segments=batch["segments"]), batch).backward()
 
-    def anchor_only(rows, a, kl=True):
-        hidden, _ = dpo.anchor_hidden(net, data.collate_sft([anchor[a]], tok.pad_id), "cpu")
-        (losses.top_k_kl(hidden, weight, *targets[a]).mean() if kl else hidden.float().pow(2).mean()).backward()
+    def anchor_only(rows, a, kl=True, cut=False):
+        examples, key = (anchor_cut, ("cut", a)) if cut else (anchor, a)
+        hidden, _ = dpo.anchor_hidden(net, data.collate_sft([examples[a]], tok.pad_id), "cpu")
+        (losses.top_k_kl(hidden, weight, *targets[key]).mean() if kl else hidden.float().pow(2).mean()).backward()
 
-    def separate(rows, a):
-        anchor_only(rows, a)
+    def separate(rows, a, cut=False):
+        anchor_only(rows, a, cut=cut)
         pairs_only(rows, a)
 
     def joined(rows, a):
@@ -93,7 +101,8 @@ def main():
         (pair_loss(hidden[:b, :pb["input_ids"].shape[1]], pb) + kl).backward()
 
     paths = {"pairs": pairs_only, "anchor": anchor_only, "anchor-body": lambda r, a: anchor_only(r, a, kl=False),
-             "separate": separate, "joined": joined}
+             "separate": separate, "joined": joined, "anchor-cut": lambda r, a: anchor_only(r, a, cut=True),
+             "separate-cut": lambda r, a: separate(r, a, cut=True)}
     times = {name: [] for name in paths}
     for _ in range(args.rounds):
         for name, step in paths.items():
@@ -112,6 +121,8 @@ def main():
     print(f"anchor share of a step: {s['anchor'] / s['separate']:.2f}; its head and KL: "
           f"{(s['anchor'] - s['anchor-body']) / s['anchor']:.2f} of it; joined / separate: "
           f"{s['joined'] / s['separate']:.2f}")
+    print(f"anchor on the first {args.cut} tokens: anchor-cut / anchor {s['anchor-cut'] / s['anchor']:.2f}, "
+          f"separate-cut / separate {s['separate-cut'] / s['separate']:.2f}")
 
 
 if __name__ == "__main__":

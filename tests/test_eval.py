@@ -396,6 +396,10 @@ def test_rejudge_with_a_learned_judge_lists_the_changed_verdicts(ckpt, tmp_path,
     assert ev.rejudge(tmp_path / "o", "refusal") == first  # back to the patterns: the first run's numbers
     with pytest.raises(SystemExit):
         ev.main(["--rejudge", str(tmp_path / "o"), "--judge", "learned", "--judge", "refusal"])
+    report = (tmp_path / "o" / "report.md").read_text()
+    with pytest.raises(SystemExit):  # --out would be ignored: refused before anything is rewritten
+        ev.main(["--rejudge", str(tmp_path / "o"), "--judge", "learned", "--out", str(tmp_path / "elsewhere")])
+    assert "rewrites" in capsys.readouterr().err and (tmp_path / "o" / "report.md").read_text() == report
     assert ev.main(["--rejudge", str(tmp_path / "o"), "--judge", f"llamaguard:{tmp_path}"]) == 2
     assert "re-judges with a refusal judge" in capsys.readouterr().err
 
