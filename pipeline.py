@@ -32,7 +32,8 @@ stage, and report/ with report.md, report.png and results.json.
 Simplifications, on purpose: the demo data is small and hand-written
 (demo_data/README.md), so the held-out demo prompts, not the paper's
 benchmarks, are the default test set (`--paper-benchmarks` adds the three
-benchmarks from ../shared/data when present); RAFT runs one short round with
+benchmarks from ../shared/data when present, and 60 of its AlpacaEval prompts
+as ordinary instructions); RAFT runs one short round with
 a rule-based reward instead of a trained reward model.
 """
 import argparse
@@ -48,8 +49,10 @@ from pathlib import Path
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import common as common_lib  # noqa: E402 (after the line above)
+import data  # noqa: E402
 import dpo  # noqa: E402
 import eval as evaluation  # noqa: E402
+import paper  # noqa: E402
 import raft  # noqa: E402
 import sft  # noqa: E402
 
@@ -57,6 +60,7 @@ ROOT = Path(__file__).resolve().parent
 DEMO = ROOT / "demo_data"
 SHARED = ROOT.parent / "shared" / "data"
 PAPER_BENCHMARKS = ["I-MaliciousInstructions.json", "I-CoNa.json", "I-Controversial.json"]
+ALPACA_EVAL_PROMPTS = 60  # --paper-benchmarks's seeded sample of AlpacaEval (docs/helpfulness.md's held-out one)
 
 # Minutes each stage takes on 2 CPU cores (docs/helpfulness.md: DPO's 345 steps with the
 # whole-answer anchor at its uncontended 2.4 s per step, times 0.89 for the anchor on 64
@@ -99,11 +103,18 @@ class Clock:
 
 def run_eval(ckpts: dict, out: Path, args) -> dict:
     benches = [str(DEMO / "eval_harmful.jsonl")]
+    ordinary = [str(DEMO / "ordinary_eval.jsonl"), str(DEMO / "ordinary_valid.jsonl")]
     if args.paper_benchmarks:
         benches += [str(SHARED / b) for b in PAPER_BENCHMARKS if (SHARED / b).is_file()]
+        if (SHARED / "helpful_alpaca_eval.jsonl").is_file():  # written once, beside the stages' folders
+            sample = out.parent / f"alpaca_eval{ALPACA_EVAL_PROMPTS}.jsonl"
+            if not sample.is_file():
+                prompts = [r for _, r in data.read_records(SHARED / "helpful_alpaca_eval.jsonl")]
+                sample.parent.mkdir(parents=True, exist_ok=True)
+                raft.write_jsonl(sample, paper.sample(prompts, ALPACA_EVAL_PROMPTS, seed=0))
+            ordinary.append(str(sample))
     return evaluation.evaluate(ckpts, benches, judge=evaluation.DEFAULT_JUDGE, out=out,
-                               benign=[str(DEMO / "eval_benign.jsonl")],
-                               ordinary=[str(DEMO / "ordinary_eval.jsonl"), str(DEMO / "ordinary_valid.jsonl")],
+                               benign=[str(DEMO / "eval_benign.jsonl")], ordinary=ordinary,
                                max_new_tokens=8 if args.quick else 120, batch_size=32,
                                limit=3 if args.quick else None, resume=True)  # an eval killed mid-way goes on
 
@@ -211,7 +222,8 @@ def main(argv=None):
     ap.add_argument("--ckpt", default="smollm2", help="the base model (default: embedded SmolLM2-135M-Instruct)")
     ap.add_argument("--quick", action="store_true", help="a few steps and prompts per stage (CI smoke run)")
     ap.add_argument("--paper-benchmarks", action="store_true",
-                    help="also evaluate on I-MaliciousInstructions, I-CoNa, I-Controversial from ../shared/data")
+                    help="also evaluate on I-MaliciousInstructions, I-CoNa, I-Controversial from ../shared/data, "
+                         f"and on {ALPACA_EVAL_PROMPTS} of its AlpacaEval prompts (ordinary instructions)")
     ap.add_argument("--skip-raft", action="store_true")
     ap.add_argument("--dtype", choices=("fp32", "bf16", "auto"), default="auto",
                     help="training precision (auto: bf16 autocast where the hardware multiplies bf16 natively, "

