@@ -54,18 +54,17 @@ def main():
     pairs = [p for f in files for p in data.load_preferences(f, {})]
     train, _ = data.tokenize_pairs(tok, pairs, 256, [4] * len(pairs))
     anchor, _ = data.tokenize_sft(tok, data.load_instructions(distill / "ordinary_answers.jsonl", {}), 256)
-    anchor_cut = dpo.cut_answers(anchor, args.cut)
+    sets = {False: anchor, True: dpo.cut_answers(anchor, args.cut)}  # whole answers, and their first --cut tokens
     net = model_lib.load_model(str(run / "sit"), dtype=torch.float32).train()
     weight = net.lm_head_weight
     rng = random.Random(0)
     plan = [(rng.sample(range(len(train)), 8), rng.randrange(len(anchor))) for _ in range(args.steps)]
-    targets = {}
+    targets = {cut: {} for cut in sets}  # cut -> example index -> the SIT model's top-64 distributions
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         for _, a in plan:
-            hidden, _ = dpo.anchor_hidden(net, data.collate_sft([anchor[a]], tok.pad_id), "cpu")
-            targets[a] = losses.top_k_distribution(hidden, weight, 64)
-            hidden, _ = dpo.anchor_hidden(net, data.collate_sft([anchor_cut[a]], tok.pad_id), "cpu")
-            targets["cut", a] = losses.top_k_distribution(hidden, weight, 64)
+            for cut, examples in sets.items():
+                hidden, _ = dpo.anchor_hidden(net, data.collate_sft([examples[a]], tok.pad_id), "cpu")
+                targets[cut][a] = losses.top_k_distribution(hidden, weight, 64)
 
     def pair_loss(hidden, batch):  # [b, T, H] -> a DPO-like scalar (the cost is the log-probs')
         per_token = losses.response_token_logps(hidden, weight, batch["input_ids"], batch["loss_mask"], "chunked")
@@ -79,9 +78,8 @@ def main():
                       segments=batch["segments"]), batch).backward()
 
     def anchor_only(rows, a, kl=True, cut=False):
-        examples, key = (anchor_cut, ("cut", a)) if cut else (anchor, a)
-        hidden, _ = dpo.anchor_hidden(net, data.collate_sft([examples[a]], tok.pad_id), "cpu")
-        (losses.top_k_kl(hidden, weight, *targets[key]).mean() if kl else hidden.float().pow(2).mean()).backward()
+        hidden, _ = dpo.anchor_hidden(net, data.collate_sft([sets[cut][a]], tok.pad_id), "cpu")
+        (losses.top_k_kl(hidden, weight, *targets[cut][a]).mean() if kl else hidden.float().pow(2).mean()).backward()
 
     def separate(rows, a, cut=False):
         anchor_only(rows, a, cut=cut)
@@ -97,7 +95,7 @@ def main():
         hidden = net(ids, att, return_hidden=True, segments=seg)  # [b + 1, T, H]
         b = len(rows)
         anchor_hidden, _ = losses.response_hidden(hidden[b:, :sb["input_ids"].shape[1]], sb["loss_mask"])
-        kl = losses.top_k_kl(anchor_hidden, weight, *targets[a]).mean()
+        kl = losses.top_k_kl(anchor_hidden, weight, *targets[False][a]).mean()
         (pair_loss(hidden[:b, :pb["input_ids"].shape[1]], pb) + kl).backward()
 
     paths = {"pairs": pairs_only, "anchor": anchor_only, "anchor-body": lambda r, a: anchor_only(r, a, kl=False),
