@@ -101,6 +101,11 @@ class Clock:
             self.ran[name] = seconds
 
 
+def read_jsonl(path) -> list[dict]:
+    """A JSON-lines file's records (data.read_records, which checks each line, without their places)."""
+    return [rec for _, rec in data.read_records(path)]
+
+
 def run_eval(ckpts: dict, out: Path, args) -> dict:
     benches = [str(DEMO / "eval_harmful.jsonl")]
     ordinary = [str(DEMO / "ordinary_eval.jsonl"), str(DEMO / "ordinary_valid.jsonl")]
@@ -109,7 +114,7 @@ def run_eval(ckpts: dict, out: Path, args) -> dict:
         if (SHARED / "helpful_alpaca_eval.jsonl").is_file():  # written once, beside the stages' folders
             sample = out.parent / f"alpaca_eval{ALPACA_EVAL_PROMPTS}.jsonl"
             if not sample.is_file():
-                prompts = [r for _, r in data.read_records(SHARED / "helpful_alpaca_eval.jsonl")]
+                prompts = read_jsonl(SHARED / "helpful_alpaca_eval.jsonl")
                 sample.parent.mkdir(parents=True, exist_ok=True)
                 raft.write_jsonl(sample, paper.sample(prompts, ALPACA_EVAL_PROMPTS, seed=0))
             ordinary.append(str(sample))
@@ -133,13 +138,8 @@ def distill(base: str, out: Path, quick: bool):
         begins its answer (24 new tokens; --opening-words 4 keeps the first 4 words): no stock
         openers to learn.
     Greedy, seed 0, so the files are the same on every run."""
-    import common
-    import data
     import generation
     import model as model_lib
-
-    def read_jsonl(path):
-        return [rec for _, rec in data.read_records(path)]
 
     model, tok = model_lib.load_model(base), data.load_tokenizer(base)
     limit = 4 if quick else None
@@ -174,8 +174,8 @@ def distill(base: str, out: Path, quick: bool):
     raft.write_jsonl(out / "prefs_midway.jsonl", midway)
     raft.write_jsonl(out / "ordinary_answers.jsonl", [{"prompt": p, "response": a} for p, a in keep])
     raft.write_jsonl(out / "prefs_openings.jsonl", openings)
-    common.write_atomic(out / "sit_train.json", json.dumps(sit, ensure_ascii=False, indent=1) + "\n")
-    common.mark_finished(out)
+    common_lib.write_atomic(out / "sit_train.json", json.dumps(sit, ensure_ascii=False, indent=1) + "\n")
+    common_lib.mark_finished(out)
     print(f"[distill] {len(keep)} of {len(ordinary)} ordinary answers kept; "
           f"{len(benign)} benign openings from the base model", flush=True)
 
