@@ -7,6 +7,9 @@ use.
 A batch of prompts is left-padded and prefilled once; each decoding step then
 runs one token per row through model.Llama with the cache. On a CPU with
 oneDNN the linear layers run as kernels.packed_linear.PackedLinear meanwhile.
+In greedy decoding, rows that have finished leave the batch (and the cache)
+once a quarter of those still running has, so that a batch of mostly short
+answers does not keep paying for its finished rows until the longest ends.
 """
 import argparse
 import contextlib
@@ -58,6 +61,11 @@ class KVCache:
         self.v[layer, :, :, start:start + T] = v
         return self.k[layer, :, :, :start + T], self.v[layer, :, :, :start + T]
 
+    def keep(self, rows):
+        """Only these rows (a LongTensor of indices) go on; the others leave the cache."""
+        self.k, self.v = self.k[:, rows], self.v[:, rows]
+        self.valid, self.next_pos = self.valid[rows], self.next_pos[rows]
+
     def repeat(self, n: int):
         """Each row becomes n consecutive rows (K samples share one prefilled prompt)."""
         self.k = self.k.repeat_interleave(n, dim=1)
@@ -96,7 +104,7 @@ def sample_next(logits, temperature=0.0, top_p=1.0, top_k=0, generator=None, can
 
 @torch.inference_mode()
 def generate(model, tokenizer, prompts, max_new_tokens=120, temperature=0.0, top_p=1.0, top_k=0,
-             num_samples=1, seed=0, batch_size=16, progress=False, pack=None):
+             num_samples=1, seed=0, batch_size=16, progress=False, pack=None, drop_finished=None):
     """Answer each prompt `num_samples` times. Returns a list (one per prompt) of
     lists (one per sample) of dicts {"ids": [...], "text": str, "finished": bool}.
 
@@ -108,6 +116,10 @@ def generate(model, tokenizer, prompts, max_new_tokens=120, temperature=0.0, top
     `finished` is False when it ran out of new tokens instead. The same seed
     gives the same samples (for the same batch_size). pack (default: on a CPU
     with oneDNN) runs the linear layers as PackedLinear while generating.
+    drop_finished (default: in greedy decoding only) takes finished rows out of
+    the batch; each remaining row is computed as before. Not when sampling: the
+    rows draw from one random stream, and a row's samples would then depend on
+    when the other rows stopped.
     """
     device = next(model.parameters()).device
     encoded = [p if isinstance(p, list) else data.encode_prompt(tokenizer, p) for p in prompts]
@@ -124,6 +136,7 @@ def generate(model, tokenizer, prompts, max_new_tokens=120, temperature=0.0, top
     out = []
     per_batch = max(1, batch_size // num_samples)
     pack = can_pack(model) if pack is None else pack
+    drop_finished = temperature <= 0 if drop_finished is None else drop_finished
     rows = per_batch * num_samples
     packing = packed_linears(model, rows) if pack else contextlib.nullcontext()
     head = PackedLinear(model.lm_head_weight, rows=rows) if pack else \
@@ -131,13 +144,13 @@ def generate(model, tokenizer, prompts, max_new_tokens=120, temperature=0.0, top
     with packing:
         for s in tqdm(range(0, len(encoded), per_batch), desc="generate", disable=not progress, leave=False):
             out += _generate_batch(model, tokenizer, head, encoded[s:s + per_batch], max_new_tokens, temperature,
-                                   top_p, top_k, num_samples, stop, generator)
+                                   top_p, top_k, num_samples, stop, generator, drop_finished)
     model.train(was_training)
     return out
 
 
 def _generate_batch(model, tokenizer, head, chunk, max_new_tokens, temperature, top_p, top_k, num_samples,
-                    stop, generator):
+                    stop, generator, drop_finished):
     """generate() for one batch of prompts (token lists): prefill, then decode."""
     device = stop.device
     dtype = next(model.parameters()).dtype
@@ -156,15 +169,20 @@ def _generate_batch(model, tokenizer, head, chunk, max_new_tokens, temperature, 
         logits = logits.repeat_interleave(num_samples, dim=0)
     B = P * num_samples
     new = torch.full((B, max_new_tokens), tokenizer.pad_id, dtype=torch.long, device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
+    rows = torch.arange(B, device=device)  # the batch row of each row still decoding
+    done = torch.zeros(B, dtype=torch.bool, device=device)  # of those rows
     n = 0
     for n in range(max_new_tokens):
         tok = sample_next(logits, temperature, top_p, top_k, generator)
         tok = torch.where(done, tokenizer.pad_id, tok)
-        new[:, n] = tok
+        new[rows, n] = tok
         done |= torch.isin(tok, stop)
         if bool(done.all()) or n == max_new_tokens - 1:
             break
+        if drop_finished and 4 * int(done.sum()) >= len(rows):  # a quarter has finished: drop them
+            going = (~done).nonzero()[:, 0]
+            cache.keep(going)
+            rows, tok, done = rows[going], tok[going], done[going]
         step_mask = (~done).long()[:, None]  # finished rows feed padding that nothing attends to
         logits = head(model(tok[:, None], step_mask, return_hidden=True, cache=cache)[:, -1])
     new = new[:, :n + 1].tolist()

@@ -235,7 +235,8 @@ def test_generate_greedy_matches_naive_loop_with_left_padding(tmp_path):
     third = naive_greedy(m, data.encode_prompt(tok, prompts[0]), 3, set())[2]
     tok = dataclasses.replace(tok, stop_ids=tok.stop_ids | {third})
     res = generation.generate(m, tok, prompts, max_new_tokens=12, batch_size=3)
-    assert res[0][0]["finished"] and len(res[0][0]["ids"]) <= 2
+    assert res[0][0]["finished"] and len(res[0][0]["ids"]) <= 2  # 1 of 3 rows done: it leaves the batch
+    assert generation.generate(m, tok, prompts, max_new_tokens=12, batch_size=3, drop_finished=False) == res
     for p, r in zip(prompts, res):
         want = naive_greedy(m, data.encode_prompt(tok, p), 12, tok.stop_ids)
         finished = want[-1] in tok.stop_ids
