@@ -131,7 +131,8 @@ def bootstrap_interval(values, n_resamples=2000, seed=0, level=0.95) -> tuple[fl
 
 
 def evaluate(model, tok, path, task=None, limit=None, batch_size=8, seed=0, progress=False) -> dict:
-    """One MCQ file -> {"task", "n", "acc", "acc_norm", their 95% intervals, "items_per_s"}.
+    """One MCQ file -> {"task", "n", "acc", "acc_norm", their 95% intervals, "items_per_s",
+    "hits", "hits_norm"} (the last two per question, 0 or 1, for paired comparisons).
     With `limit`, a seeded random sample of that many questions (not the first ones)."""
     import time
 
@@ -147,7 +148,8 @@ def evaluate(model, tok, path, task=None, limit=None, batch_size=8, seed=0, prog
     return {"task": task, "n": len(items), "acc": round(res["acc"], 4), "acc_norm": round(res["acc_norm"], 4),
             "acc_ci": [round(x, 4) for x in bootstrap_interval(res["hits"], seed=seed)],
             "acc_norm_ci": [round(x, 4) for x in bootstrap_interval(res["hits_norm"], seed=seed)],
-            "items_per_s": round(len(items) / seconds, 2)}
+            "items_per_s": round(len(items) / seconds, 2),
+            "hits": [int(h) for h in res["hits"]], "hits_norm": [int(h) for h in res["hits_norm"]]}
 
 
 def main(argv=None):

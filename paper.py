@@ -167,14 +167,21 @@ def evaluate_checkpoint(name, path, out: Path, folder: Path, size: dict, args):
                         ordinary=[str(d / "alpaca_eval.jsonl"), str(d / "alpaca_reference.jsonl")],
                         max_new_tokens=8 if args.sizes == "quick" else 120, batch_size=32, seed=args.seed,
                         resume=True)
+    mcq_scores(name, path, folder, size["mcq"], args.seed)
+    common.mark_finished(folder)
+
+
+def mcq_scores(name, path, folder: Path, n, seed) -> dict:
+    """mcq.py on the grid's BoolQ, PIQA and OpenBookQA files (MCQ), n seeded questions of
+    each (None: all), into folder/mcq.json; also what pipeline.py --paper-benchmarks runs."""
     model, tok = model_lib.load_model(path), data.load_tokenizer(path)
-    scores = {task: mcq.evaluate(model, tok, SHARED / file, task, size["mcq"], batch_size=8, seed=args.seed)
+    scores = {task: mcq.evaluate(model, tok, SHARED / file, task, n, batch_size=8, seed=seed)
               for task, file in MCQ.items()}
     for task, r in scores.items():
         print(f"[mcq] {name} {task}: acc {r['acc']:.3f} acc_norm {r['acc_norm']:.3f} (n={r['n']}, "
               f"{r['items_per_s']} questions/s)", flush=True)
     common.write_atomic(folder / "mcq.json", json.dumps(scores, indent=1) + "\n")
-    common.mark_finished(folder)
+    return scores
 
 
 def rate_with_interval(records, key, seed) -> dict:

@@ -32,8 +32,9 @@ stage, and report/ with report.md, report.png and results.json.
 Simplifications, on purpose: the demo data is small and hand-written
 (demo_data/README.md), so the held-out demo prompts, not the paper's
 benchmarks, are the default test set (`--paper-benchmarks` adds the three
-benchmarks from ../shared/data when present, and 60 of its AlpacaEval prompts
-as ordinary instructions); RAFT runs one short round with
+benchmarks from ../shared/data when present, 60 of its AlpacaEval prompts
+as ordinary instructions, and the paper grid's multiple-choice accuracy on 200
+BoolQ, PIQA and OpenBookQA questions each); RAFT runs one short round with
 a rule-based reward instead of a trained reward model.
 """
 import argparse
@@ -52,6 +53,7 @@ import common as common_lib  # noqa: E402 (after the line above)
 import data  # noqa: E402
 import dpo  # noqa: E402
 import eval as evaluation  # noqa: E402
+import mcq  # noqa: E402
 import paper  # noqa: E402
 import raft  # noqa: E402
 import sft  # noqa: E402
@@ -61,6 +63,7 @@ DEMO = ROOT / "demo_data"
 SHARED = ROOT.parent / "shared" / "data"
 PAPER_BENCHMARKS = ["I-MaliciousInstructions.json", "I-CoNa.json", "I-Controversial.json"]
 ALPACA_EVAL_PROMPTS = 60  # --paper-benchmarks's seeded sample of AlpacaEval (docs/helpfulness.md's held-out one)
+MCQ_QUESTIONS = 200  # --paper-benchmarks's seeded sample of each MCQ file: the paper grid's (paper.SIZES["cpu"])
 
 # Minutes each stage takes on 2 CPU cores (docs/helpfulness.md: DPO's 345 steps with the
 # whole-answer anchor at its uncontended 2.4 s per step, times 0.89 for the anchor on 64
@@ -106,7 +109,8 @@ def read_jsonl(path) -> list[dict]:
     return [rec for _, rec in data.read_records(path)]
 
 
-def run_eval(ckpts: dict, out: Path, args) -> dict:
+def run_eval(name: str, ckpt: str, out: Path, args) -> dict:
+    """eval.py on one checkpoint into `out`; with --paper-benchmarks, mcq.json there first."""
     benches = [str(DEMO / "eval_harmful.jsonl")]
     ordinary = [str(DEMO / "ordinary_eval.jsonl"), str(DEMO / "ordinary_valid.jsonl")]
     if args.paper_benchmarks:
@@ -118,7 +122,11 @@ def run_eval(ckpts: dict, out: Path, args) -> dict:
                 sample.parent.mkdir(parents=True, exist_ok=True)
                 raft.write_jsonl(sample, paper.sample(prompts, ALPACA_EVAL_PROMPTS, seed=0))
             ordinary.append(str(sample))
-    return evaluation.evaluate(ckpts, benches, judge=evaluation.DEFAULT_JUDGE, out=out,
+        mcq_files = [SHARED / f for f in paper.MCQ.values()]
+        if all(f.is_file() for f in mcq_files) and not (out / "mcq.json").is_file():
+            out.mkdir(parents=True, exist_ok=True)  # before results.json, so that a resumed run has both
+            paper.mcq_scores(name, ckpt, out, 4 if args.quick else MCQ_QUESTIONS, seed=0)
+    return evaluation.evaluate({name: ckpt}, benches, judge=evaluation.DEFAULT_JUDGE, out=out,
                                benign=[str(DEMO / "eval_benign.jsonl")], ordinary=ordinary,
                                max_new_tokens=8 if args.quick else 120, batch_size=32,
                                limit=3 if args.quick else None, resume=True)  # an eval killed mid-way goes on
@@ -203,8 +211,8 @@ def midway_pairs(answers, refusals, seed=0):
 
 
 def combine_reports(stage_dirs: dict, out: Path):
-    """One results.json / report.md / report.png over every stage's own eval."""
-    merged, gens = None, []
+    """One results.json / report.md / report.png over every stage's own eval (and MCQ table)."""
+    merged, gens, scores = None, [], {}
     for name, folder in stage_dirs.items():
         res = json.loads((folder / "results.json").read_text())
         if merged is None:
@@ -212,8 +220,38 @@ def combine_reports(stage_dirs: dict, out: Path):
         merged["settings"]["ckpts"].update(res["settings"]["ckpts"])
         merged["results"].update(res["results"])
         gens += [json.loads(line) for line in (folder / "generations.jsonl").read_text().splitlines()]
+        if (folder / "mcq.json").is_file():
+            scores[name] = json.loads((folder / "mcq.json").read_text())
+    if scores:
+        merged["mcq"] = scores
     evaluation.write_report(merged, out, gens)
+    if scores:
+        with open(out / "report.md", "a", encoding="utf-8") as f:
+            f.write("\n".join(mcq_table(scores)) + "\n")
     return merged
+
+
+def mcq_table(scores: dict) -> list[str]:
+    """report.md's lines for {checkpoint: {task: mcq.evaluate's result}}: acc_norm with its 95%
+    interval, and each later checkpoint's difference from the first (the base model) on the same
+    questions, with a paired bootstrap interval (mcq.bootstrap_interval of the per-question differences)."""
+    first = next(iter(scores))
+    tasks = list(scores[first])
+    lines = ["", f"Multiple choice, acc_norm % [95% interval]; difference from {first} on the same questions:", "",
+             "| checkpoint | " + " | ".join(f"{t} (n={scores[first][t]['n']})" for t in tasks) + " |",
+             "|---" * (len(tasks) + 1) + "|"]
+    for name, per in scores.items():
+        cells = []
+        for t in tasks:
+            r = per[t]
+            cell = f"{100 * r['acc_norm']:.1f} [{100 * r['acc_norm_ci'][0]:.1f}, {100 * r['acc_norm_ci'][1]:.1f}]"
+            if name != first:
+                diff = [a - b for a, b in zip(r["hits_norm"], scores[first][t]["hits_norm"])]
+                lo, hi = mcq.bootstrap_interval(diff)
+                cell += f"; {100 * sum(diff) / len(diff):+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+            cells.append(cell)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def main(argv=None):
@@ -223,7 +261,8 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="a few steps and prompts per stage (CI smoke run)")
     ap.add_argument("--paper-benchmarks", action="store_true",
                     help="also evaluate on I-MaliciousInstructions, I-CoNa, I-Controversial from ../shared/data, "
-                         f"and on {ALPACA_EVAL_PROMPTS} of its AlpacaEval prompts (ordinary instructions)")
+                         f"on {ALPACA_EVAL_PROMPTS} of its AlpacaEval prompts (ordinary instructions), and "
+                         f"multiple-choice accuracy on {MCQ_QUESTIONS} of its BoolQ, PIQA, OpenBookQA questions each")
     ap.add_argument("--skip-raft", action="store_true")
     ap.add_argument("--dtype", choices=("fp32", "bf16", "auto"), default="auto",
                     help="training precision (auto: bf16 autocast where the hardware multiplies bf16 natively, "
@@ -242,7 +281,7 @@ def main(argv=None):
             clock.header(i, "baseline", "how often does the instruction-tuned model refuse?")
             evals["base"] = out / "eval_base"
             if not (evals["base"] / "results.json").is_file():
-                run_eval({"base": args.ckpt}, evals["base"], args)
+                run_eval("base", args.ckpt, evals["base"], args)
         elif stage == "distill":
             clock.header(i, "distill", "the base model answers ordinary instructions (SIT and DPO targets)")
             if not common_lib.is_finished(out / "distill"):
@@ -289,7 +328,7 @@ def main(argv=None):
                     continue
                 evals[name] = out / f"eval_{name}"
                 if not (evals[name] / "results.json").is_file():
-                    run_eval({name: path}, evals[name], args)
+                    run_eval(name, path, evals[name], args)
         clock.finish(stage)
 
     merged = combine_reports(evals, out / "report")

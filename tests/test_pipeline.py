@@ -27,26 +27,50 @@ def test_midway_pairs_start_inside_the_answer_at_a_sentence_end_or_a_comma():
     assert pairs[0]["prefix"] in ("Rinse the rice,", "Rinse the rice, then boil it for ten minutes.")
 
 
-def test_paper_benchmarks_add_a_seeded_alpaca_eval_sample(tmp_path, monkeypatch):
+def test_paper_benchmarks_add_a_seeded_alpaca_eval_sample_and_mcq(tmp_path, monkeypatch):
     """--paper-benchmarks: the three harmful benchmarks and 60 AlpacaEval prompts (the paper grid's
-    seeded sampler, seed 0), written once beside the eval folders; without the flag, neither."""
+    seeded sampler, seed 0), written once beside the eval folders, and the MCQ scores written
+    before eval.py's results (so a resumed run has both); without the flag, none of these."""
     shared = tmp_path / "shared"
     shared.mkdir()
     (shared / "I-CoNa.json").write_text("[]")
+    for f in pipeline.paper.MCQ.values():
+        (shared / f).write_text("")
     prompts = [{"prompt": f"Task number {i}?"} for i in range(100)]
     (shared / "helpful_alpaca_eval.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts))
     monkeypatch.setattr(pipeline, "SHARED", shared)
     calls = []
     monkeypatch.setattr(pipeline.evaluation, "evaluate", lambda ckpts, benches, **kw: calls.append((benches, kw)))
+
+    def mcq_scores(name, path, folder, n, seed):
+        calls.append(("mcq", name, path, n))
+        (folder / "mcq.json").write_text("{}")
+    monkeypatch.setattr(pipeline.paper, "mcq_scores", mcq_scores)
     for flag in (True, False):
-        pipeline.run_eval({"base": "x"}, tmp_path / "run" / "eval_base",
-                          argparse.Namespace(paper_benchmarks=flag, quick=True))
-    (with_flag, kw), (without, kw_plain) = calls
+        pipeline.run_eval("base", "x", tmp_path / "run" / "eval_base",
+                          argparse.Namespace(paper_benchmarks=flag, quick=False))
+    assert calls[0] == ("mcq", "base", "x", 200)
+    (with_flag, kw), (without, kw_plain) = calls[1:]
     sample = tmp_path / "run" / "alpaca_eval60.jsonl"
     assert with_flag[1:] == [str(shared / "I-CoNa.json")] and kw["ordinary"][2:] == [str(sample)]
     rows = [json.loads(line) for line in sample.read_text().splitlines()]
     assert len(rows) == 60 and rows == [prompts[i] for i in sorted(random.Random(0).sample(range(100), 60))]
     assert len(without) == 1 and len(kw_plain["ordinary"]) == 2
+    pipeline.run_eval("base", "x", tmp_path / "run" / "eval_base", argparse.Namespace(paper_benchmarks=True, quick=False))
+    assert [c[0] for c in calls[3:]] == [with_flag]  # mcq.json is there: no second MCQ run
+
+
+def test_mcq_table_pairs_each_checkpoint_with_the_first():
+    def result(hits):
+        return {"n": len(hits), "acc_norm": sum(hits) / len(hits), "acc_norm_ci": [0.25, 0.75], "hits_norm": hits}
+    scores = {"base": {"piqa": result([1, 1, 0, 0])}, "dpo": {"piqa": result([1, 0, 0, 0])},
+              "sit": {"piqa": result([1, 1, 0, 0])}}
+    lines = pipeline.mcq_table(scores)
+    assert lines[3] == "| checkpoint | piqa (n=4) |"
+    assert lines[5] == "| base | 50.0 [25.0, 75.0] |"
+    lo, hi = pipeline.mcq.bootstrap_interval([0, -1, 0, 0])
+    assert lines[6] == f"| dpo | 25.0 [25.0, 75.0]; -25.0 [{100 * lo:+.1f}, {100 * hi:+.1f}] |" and lo < 0 == hi
+    assert lines[7] == "| sit | 50.0 [25.0, 75.0]; +0.0 [+0.0, +0.0] |"  # the same questions right: no difference
 
 
 @pytest.mark.real
