@@ -1,6 +1,6 @@
 """The main job, end to end: make SmolLM2-135M-Instruct safe on a laptop CPU.
 
-    python pipeline.py                  # the full demo (about 25 minutes on 2 CPU cores)
+    python pipeline.py                  # the full demo (17-32 minutes on 2 CPU cores, by the CPU: README)
     python pipeline.py --quick          # a smoke run: a few steps and prompts per stage (CI)
 
 Stages, in order (each is the scripts' own command, called in-process; the

@@ -12,7 +12,6 @@ most rows finished early, one that writes to the token limit (the base
 model) leaves none.
 """
 import argparse
-import json
 import statistics
 import sys
 import time
