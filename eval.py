@@ -890,10 +890,11 @@ def headline(res) -> float:
             MCQ: lambda: 100 * res["accuracy"]}[res["kind"]]()
 
 
-def write_report(results, out, gens=(), partial=False):
+def write_report(results, out, gens=(), partial=False, extra_lines=()):
     """generations.jsonl (when given), results.json, report.md and report.png into `out`.
     partial: a run still going writes results.partial.json instead, so that results.json
-    exists only for a finished run (pipeline.py skips a stage whose results.json exists)."""
+    exists only for a finished run (pipeline.py skips a stage whose results.json exists).
+    extra_lines: more of report.md after the table (pipeline.py's multiple-choice table)."""
     import matplotlib
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
@@ -940,7 +941,7 @@ def write_report(results, out, gens=(), partial=False):
               "Degenerate: loops, repeated sentences, a stock opener alone. Reference NLL: mean "
               "negative log-likelihood per token of reference answers, lower is better. "
               "% correct: multiple-choice accuracy by summed log-likelihood."]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
+    (out / "report.md").write_text("\n".join(lines + list(extra_lines)) + "\n")
 
     pct = [b for b in benches if kinds[b] != HELPFUL]  # one % axis; rewards stay in the table
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(pct) * max(1, len(table)) ** 0.5), 4))

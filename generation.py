@@ -169,20 +169,21 @@ def _generate_batch(model, tokenizer, head, chunk, max_new_tokens, temperature, 
         logits = logits.repeat_interleave(num_samples, dim=0)
     B = P * num_samples
     new = torch.full((B, max_new_tokens), tokenizer.pad_id, dtype=torch.long, device=device)
-    rows = torch.arange(B, device=device)  # the batch row of each row still decoding
-    done = torch.zeros(B, dtype=torch.bool, device=device)  # of those rows
+    running = torch.arange(B, device=device)  # the batch row (of `new`) of each row still in the cache
+    done = torch.zeros(B, dtype=torch.bool, device=device)  # per row in the cache
     n = 0
     for n in range(max_new_tokens):
         tok = sample_next(logits, temperature, top_p, top_k, generator)
         tok = torch.where(done, tokenizer.pad_id, tok)
-        new[rows, n] = tok
+        new[running, n] = tok
         done |= torch.isin(tok, stop)
-        if bool(done.all()) or n == max_new_tokens - 1:
+        finished = int(done.sum())  # read from the device once, for both checks below
+        if finished == len(running) or n == max_new_tokens - 1:
             break
-        if drop_finished and 4 * int(done.sum()) >= len(rows):  # a quarter has finished: drop them
+        if drop_finished and 4 * finished >= len(running):  # a quarter has finished: drop them
             going = (~done).nonzero()[:, 0]
             cache.keep(going)
-            rows, tok, done = rows[going], tok[going], done[going]
+            running, tok, done = running[going], tok[going], done[going]
         step_mask = (~done).long()[:, None]  # finished rows feed padding that nothing attends to
         logits = head(model(tok[:, None], step_mask, return_hidden=True, cache=cache)[:, -1])
     new = new[:, :n + 1].tolist()

@@ -224,10 +224,7 @@ def combine_reports(stage_dirs: dict, out: Path):
             scores[name] = json.loads((folder / "mcq.json").read_text())
     if scores:
         merged["mcq"] = scores
-    evaluation.write_report(merged, out, gens)
-    if scores:
-        with open(out / "report.md", "a", encoding="utf-8") as f:
-            f.write("\n".join(mcq_table(scores)) + "\n")
+    evaluation.write_report(merged, out, gens, extra_lines=mcq_table(scores) if scores else ())
     return merged
 
 

@@ -32,7 +32,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
     model, tok = model_lib.load_model(args.ckpt), data.load_tokenizer(args.ckpt)
-    sets = [[rec["prompt"] for _, rec in data.read_records(ROOT / "demo_data" / f"{f}.jsonl")] for f in FILES]
+    sets = [data.load_prompts(ROOT / "demo_data" / f"{f}.jsonl") for f in FILES]  # eval.py's reader
 
     def answer(drop):
         return [generation.generate(model, tok, prompts, max_new_tokens=120, batch_size=32, drop_finished=drop)
